@@ -1,0 +1,29 @@
+"""`python -m ldm_train stage=<autoencoder|calibrate|diffusion|sample> f=<f> regularizer=<kl|vq> ...`"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from ldm_train.config import CONF_DIR, validate
+
+log = logging.getLogger("ldm_train")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
+    validate(cfg)
+    stage = importlib.import_module(f"ldm_train.stages.{cfg.stage}")
+    return stage.run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The seam between the stages: autoencoder and diffusion artifacts, written atomically, loaded safely.
+
+Autoencoder artifact `<paths.artifacts>/autoencoder/<regularizer>_f<f>/`:
+    model.safetensors   weights (no pickle)
+    config.yaml         the resolved architecture (GroupNorm groups and all); a reload rebuilds exactly this
+    calibration.json    scale_factor = 1/std(z) and the health report (missing → stage 2 refuses to run)
+    metrics.json        validation metrics of stage 1
+Diffusion artifact `<paths.artifacts>/diffusion/<name>/`: model.safetensors (EMA U-Net), config.yaml (U-Net,
+text encoder, schedule), autoencoder.json (path + content hash of its autoencoder), metrics.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from ldm_train.config import ConfigError
+
+
+class ArtifactError(RuntimeError):
+    """A missing, incomplete or mismatched artifact; the message names the command that fixes it."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temporary sibling and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary directory with `write(tmp)` then swap it into place; a failure leaves `final` intact."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(artifact: Path) -> str:
+    """sha256 over the weights and architecture: what a cache or a diffusion model depends on."""
+    artifact = Path(artifact)
+    return hashlib.sha256((file_hash(artifact / "model.safetensors") +
+                           file_hash(artifact / "config.yaml")).encode()).hexdigest()
+
+
+def state_to_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors only: weights never travel as pickles."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"cannot read weights {path}: {exc}. The file is corrupt or not safetensors; "
+                            "re-create the artifact with the stage that wrote it") from exc
+
+
+# ---------------------------------------------------------------------------------------------- autoencoder
+
+def save_autoencoder(final: Path, model: torch.nn.Module, arch: dict, calibration: dict | None,
+                     metrics: dict) -> None:
+    def write(tmp: Path) -> None:
+        save_file(state_to_safetensors(model), str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"architecture": arch})))
+        if calibration is not None:
+            (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    atomic_write_dir(final, write)
+
+
+def stage1_command(regularizer: str, f: int) -> str:
+    return f"python -m ldm_train stage=autoencoder f={f} regularizer={regularizer}"
+
+
+def read_arch(artifact: Path) -> dict:
+    artifact = Path(artifact)
+    if not (artifact / "model.safetensors").exists() or not (artifact / "config.yaml").exists():
+        raise ArtifactError(f"no autoencoder artifact at {artifact}")
+    return OmegaConf.to_container(OmegaConf.load(artifact / "config.yaml"))["architecture"]
+
+
+def load_autoencoder(artifact: Path, expect_f: int | None = None, expect_regularizer: str | None = None,
+                     require_calibration: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the exact trained architecture, strict-load its weights, freeze it; returns (model, calibration)."""
+    from ldm_train.models.autoencoder import Autoencoder
+
+    artifact = Path(artifact)
+    if not (artifact / "model.safetensors").exists():
+        hint = stage1_command(expect_regularizer or "kl", expect_f or 4)
+        raise ArtifactError(f"no autoencoder artifact at {artifact}: train it first with `{hint}` "
+                            "(or point diffusion.autoencoder_path= at an existing one)")
+    arch = read_arch(artifact)
+    if expect_f is not None and int(arch["f"]) != int(expect_f):
+        raise ArtifactError(f"autoencoder {artifact} has f={arch['f']}, but the run asks for f={expect_f}")
+    if expect_regularizer is not None and arch["regularizer"]["name"] != expect_regularizer:
+        raise ArtifactError(f"autoencoder {artifact} is {arch['regularizer']['name']}, "
+                            f"but the run asks for regularizer={expect_regularizer}")
+    model = Autoencoder(arch)
+    try:
+        model.load_state_dict(load_weights(artifact / "model.safetensors"), strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"weights in {artifact} do not match its config.yaml: {exc}") from exc
+    calibration = read_calibration(artifact) if require_calibration else None
+    return freeze(model), calibration
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no grad, and `train()` disabled: a frozen first stage never goes back to training."""
+    model.eval()
+    model.requires_grad_(False)
+    model.train = lambda mode=True: model  # type: ignore[method-assign]
+    return model
+
+
+def read_calibration(artifact: Path) -> dict:
+    path = Path(artifact) / "calibration.json"
+    if not path.exists():
+        arch = read_arch(artifact)
+        raise ArtifactError(
+            f"autoencoder {artifact} is not calibrated ({path.name} missing): run "
+            f"`python -m ldm_train stage=calibrate f={arch['f']} regularizer={arch['regularizer']['name']}`")
+    data = json.loads(path.read_text())
+    scale = data.get("scale_factor")
+    if not isinstance(scale, (int, float)) or not scale > 0 or scale != scale:
+        raise ArtifactError(f"{path} holds no valid scale_factor ({scale!r}); re-run stage=calibrate")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- diffusion
+
+def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: dict,
+                   autoencoder: Path, metrics: dict) -> None:
+    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, and the autoencoder reference."""
+
+    def write(tmp: Path) -> None:
+        save_file(state_to_safetensors(unet), str(tmp / "model.safetensors"))
+        if text_encoder is not None:
+            save_file(state_to_safetensors(text_encoder), str(tmp / "text_encoder.safetensors"))
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        ref = {"path": str(Path(autoencoder).resolve()), "content_hash": content_hash(autoencoder)}
+        (tmp / "autoencoder.json").write_text(json.dumps(ref, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    atomic_write_dir(final, write)
+
+
+def read_diffusion(artifact: Path) -> tuple[dict, Path]:
+    """(config, autoencoder path) of a diffusion artifact, checking its autoencoder still has the same hash."""
+    artifact = Path(artifact)
+    if not (artifact / "model.safetensors").exists():
+        raise ArtifactError(f"no diffusion artifact at {artifact}: train one with "
+                            "`python -m ldm_train stage=diffusion` (or set diffusion_path=)")
+    config = OmegaConf.to_container(OmegaConf.load(artifact / "config.yaml"))
+    ref = json.loads((artifact / "autoencoder.json").read_text())
+    ae = Path(ref["path"])
+    if not (ae / "model.safetensors").exists():
+        raise ArtifactError(f"the autoencoder of {artifact} is gone: {ae}")
+    if content_hash(ae) != ref["content_hash"]:
+        raise ArtifactError(f"the autoencoder at {ae} changed since {artifact} was trained (content hash "
+                            "mismatch); retrain stage 2 or restore that autoencoder")
+    return config, ae
+
+
+__all__ = ["ArtifactError", "ConfigError", "atomic_write_dir", "atomic_write_json", "atomic_write_text",
+           "content_hash", "load_autoencoder", "read_calibration", "read_diffusion", "save_autoencoder",
+           "save_diffusion"]

@@ -1,0 +1,103 @@
+"""Config plumbing: where the configs live, the `f` architecture table, and start-up validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample")
+
+
+class ConfigError(ValueError):
+    """A configuration the framework refuses; the message names the fix."""
+
+
+def valid_factors() -> list[int]:
+    return sorted(int(p.stem[1:]) for p in (CONF_DIR / "f").glob("f*.yaml"))
+
+
+def autoencoder_arch(f, regularizer: str) -> dict:
+    """The architecture of factor `f` for a regularizer, read from conf/f/f<f>.yaml (data, not code)."""
+    valid = valid_factors()
+    try:
+        f_int = int(f)
+    except (TypeError, ValueError):
+        f_int = None
+    if f_int not in valid or isinstance(f, bool):
+        raise ConfigError(f"invalid f={f!r}: valid downsampling factors are {', '.join(map(str, valid))} "
+                          f"(e.g. f=8, or -m f=4,8,16)")
+    table = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "f" / f"f{f_int}.yaml"))
+    if regularizer not in table:
+        raise ConfigError(f"f={f_int} has no {regularizer!r} architecture; valid regularizers: {', '.join(table)}")
+    return table[regularizer]
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ldm_arch"):
+        OmegaConf.register_new_resolver("ldm_arch", autoencoder_arch)
+
+
+register_resolvers()
+
+
+def resolved_arch(cfg: DictConfig) -> dict:
+    """The full stage-1 architecture dict that goes into the artifact's config.yaml."""
+    ae, reg = cfg.autoencoder, OmegaConf.to_container(cfg.regularizer, resolve=True)
+    table = dict(ae.arch)
+    reg_arch = {"name": reg["name"]}
+    if reg["name"] == "vq":
+        reg_arch.update(n_embed=table.pop("n_embed"), beta=reg["beta"], restart=reg["restart"],
+                        restart_every=reg["restart_every"])
+    else:
+        reg_arch.update(sample=reg["sample"])
+    arch = dict(f=int(cfg.f), in_channels=ae.in_channels, resolution=cfg.data.resolution, ch=ae.ch,
+                num_res_blocks=ae.num_res_blocks, num_groups=ae.num_groups, dropout=ae.dropout,
+                z_channels=table["z_channels"], ch_mult=list(table["ch_mult"]),
+                attn_resolutions=list(table["attn_resolutions"]), regularizer=reg_arch)
+    f = 2 ** (len(arch["ch_mult"]) - 1)
+    if f != arch["f"]:
+        raise ConfigError(f"conf/f/f{cfg.f}.yaml has ch_mult {arch['ch_mult']} (f={f}), not f={cfg.f}")
+    if cfg.data.resolution % f:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by f={f}; "
+                          f"use a multiple of {f}")
+    return arch
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no artifact, done before anything heavy starts."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"unknown stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
+    autoencoder_arch(cfg.f, cfg.regularizer.name)
+    if cfg.stage == "autoencoder":
+        resolved_arch(cfg)
+    strategy = cfg.strategy.name
+    if strategy == "fsdp" and cfg.trainer.accelerator in ("cpu",):
+        raise ConfigError("strategy=fsdp needs GPUs; on the CPU use strategy=ddp")
+
+
+def artifacts_root(cfg: DictConfig) -> Path:
+    from hydra.utils import to_absolute_path
+
+    try:
+        return Path(to_absolute_path(cfg.paths.artifacts))
+    except ValueError:  # outside a Hydra run (tests, scripts)
+        return Path(cfg.paths.artifacts).resolve()
+
+
+def autoencoder_dir(cfg: DictConfig) -> Path:
+    path = cfg.diffusion.get("autoencoder_path")
+    return Path(path).resolve() if path else artifacts_root(cfg) / "autoencoder" / f"{cfg.regularizer.name}_f{cfg.f}"
+
+
+def diffusion_dir(cfg: DictConfig) -> Path:
+    path = cfg.get("diffusion_path")
+    return Path(path).resolve() if path else artifacts_root(cfg) / "diffusion" / cfg.name
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    try:
+        return Path(cfg.paths.run_dir)
+    except Exception:  # ${hydra:...} is unavailable outside a Hydra run
+        return Path.cwd()

@@ -1,0 +1,68 @@
+"""Exponential moving average of model weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_decay(num_updates: int, max_decay: float = 0.9999) -> float:
+    """decay = min(max_decay, (1 + n) / (10 + n)); the warm-up lets early EMA track."""
+    return min(max_decay, (1 + num_updates) / (10 + num_updates))
+
+
+@torch.no_grad()
+def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·param for every float parameter; buffers copied."""
+    ema_params = dict(ema_model.named_parameters())
+    params = dict(model.named_parameters())
+    # every parameter by name, not just requires_grad ones: freezing a layer later
+    # must not silently shift which EMA tensor is paired with which model tensor
+    assert ema_params.keys() == params.keys(), (
+        f"parameter names differ: {sorted(ema_params.keys() ^ params.keys())[:5]}"
+    )
+    dst, src = [], []
+    for name, e in ema_params.items():
+        p = params[name].detach()
+        if e.is_floating_point():
+            dst.append(e)
+            src.append(p.to(e.dtype))
+        else:
+            e.copy_(p)
+    if dst:
+        torch._foreach_lerp_(dst, src, 1.0 - decay)
+    ema_buffers = dict(ema_model.named_buffers())
+    buffers = dict(model.named_buffers())
+    assert ema_buffers.keys() == buffers.keys(), (
+        f"buffer names differ: {sorted(ema_buffers.keys() ^ buffers.keys())[:5]}"
+    )
+    for name, b in ema_buffers.items():
+        b.copy_(buffers[name])
+
+
+class EMA(nn.Module):
+    """Frozen eval-mode copy `module`, updated with decay = ema_decay(num_updates)."""
+
+    def __init__(self, model: nn.Module, max_decay: float = 0.9999) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.max_decay = max_decay
+        # a buffer so the warm-up position survives checkpoint / resume
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def update(self, model: nn.Module) -> float:
+        """One EMA step from model's current weights; returns the decay used."""
+        decay = ema_decay(int(self.num_updates), self.max_decay)
+        update_ema(self.module, model, decay)
+        self.num_updates += 1
+        return decay
+
+    def train(self, mode: bool = True) -> EMA:
+        # a parent's .train() must not put the EMA copy in train mode (dropout, BN)
+        self.training = mode
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -1,0 +1,130 @@
+"""DDPM, DDIM and DPM-Solver++(2M) samplers over a discrete NoiseSchedule.
+
+All samplers take `model_fn(x, t) -> ε` with x (B, C, H, W) and t a LongTensor (B,);
+guidance and the eps/v parameterization live in the caller's wrapper (see guidance.py).
+The step after the last grid timestep goes to ᾱ = 1 (clean data) and adds no noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .schedules import NoiseSchedule
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+def timesteps_for(steps: int, num_timesteps: int, t_start: int | None = None) -> torch.Tensor:
+    """Trailing grid t_i = round(T − i·T/steps) − 1, i < steps; descending, t_0 = T−1.
+
+    With t_start (img2img) only grid points ≤ t_start are kept and the first kept one is
+    moved up to t_start itself, so the first model call sees exactly the noise level the
+    caller used for x_T; fewer than `steps` steps are run (like diffusers' `strength`).
+    """
+    T = num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    i = torch.arange(steps, dtype=torch.float64)
+    ts = torch.round(T - i * (T / steps)).long() - 1
+    if t_start is None:
+        return ts
+    if not 0 <= t_start < T:
+        raise ValueError(f"t_start must be in [0, {T - 1}], got {t_start}")
+    ts = ts[ts <= t_start]
+    if ts.numel() == 0:
+        return torch.tensor([t_start], dtype=torch.long)
+    ts[0] = t_start
+    return ts
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # draw on the generator's device so a CPU generator can seed a CUDA sample
+    device = generator.device if generator is not None else x.device
+    z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return z.to(x.device)
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    t_start: int | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Integrate from x_T (B, C, H, W) at t = T−1 (or t_start) down to x0.
+
+    t_start (img2img): the caller passes x_T = q_sample(x0, t_start, ε), pre-noised;
+    only the part of the grid with t ≤ t_start is run (see `timesteps_for`).
+    eta only affects ddim (0 = deterministic, 1 = DDPM-like variance).
+    callback(i, t, x) is called after step i at grid timestep t with the updated x.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    ts = timesteps_for(steps, schedule.num_timesteps, t_start).tolist()
+    # python floats (float64): per-step coefficients never round to the sample dtype
+    ac = schedule.alphas_cumprod.tolist()
+    B = x_T.shape[0]
+    x = x_T
+    old_x0: torch.Tensor | None = None  # dpmpp_2m: previous data prediction
+    old_h: float | None = None
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t, a_prev = ac[t], (ac[t_prev] if t_prev >= 0 else 1.0)  # ᾱ_t, ᾱ_{t_prev}
+        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+        eps = model_fn(x, t_batch)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if sampler == "ddim":
+            # σ² = η²·β̃ between the grid points; the rest of 1−ᾱ_prev stays along ε
+            var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
+            if var > 0:
+                x = x + math.sqrt(var) * _noise_like(x, generator)
+        elif sampler == "ddpm":
+            # posterior q(x_prev | x_t, x0) with the strided β = 1 − ᾱ_t/ᾱ_prev
+            beta = 1 - a_t / a_prev
+            c0 = math.sqrt(a_prev) * beta / (1 - a_t)
+            ct = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+            var = (1 - a_prev) / (1 - a_t) * beta  # β̃
+            x = c0 * x0 + ct * x
+            if var > 0:
+                x = x + math.sqrt(var) * _noise_like(x, generator)
+        else:
+            x, old_x0, old_h = _dpmpp_2m_step(x, x0, a_t, a_prev, old_x0, old_h)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _dpmpp_2m_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    a_t: float,
+    a_prev: float,
+    old_x0: torch.Tensor | None,
+    old_h: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """One DPM-Solver++(2M) step in λ = log(α/σ): x' = (σ'/σ)·x − α'·(e^{−h} − 1)·D."""
+    if a_prev >= 1.0:
+        # λ' = ∞ on the last step: the exact first-order limit is x' = D, no final noise
+        return x0, x0, None
+    alpha, sigma = math.sqrt(a_t), math.sqrt(1 - a_t)
+    alpha_p, sigma_p = math.sqrt(a_prev), math.sqrt(1 - a_prev)
+    h = math.log(alpha_p / sigma_p) - math.log(alpha / sigma)
+    d = x0
+    if old_x0 is not None and old_h is not None:
+        # linear extrapolation of the data prediction in λ, first step stays first order
+        r = old_h / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+    x = (sigma_p / sigma) * x - alpha_p * math.expm1(-h) * d
+    return x, x0, h

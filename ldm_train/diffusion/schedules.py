@@ -1,0 +1,154 @@
+"""Noise schedules and the x0 / eps / v parameterizations of the forward process."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("eps", "v")
+
+
+def make_betas(
+    schedule: str,
+    num_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+) -> torch.Tensor:
+    """Betas (T,) float64: linear, scaled_linear = linspace(√b0, √b1)², or cosine."""
+    T = num_timesteps
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        # Nichol & Dhariwal: ᾱ(u) = f(u)/f(0), f(u) = cos²((u+s)/(1+s)·π/2);
+        # betas[i] links u=i/T to (i+1)/T, so alphas_cumprod[i] = ᾱ((i+1)/T).
+        # beta_start/beta_end are ignored.
+        s = 0.008
+        u = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        betas = 1 - f[1:] / f[:-1]
+        # near u=1 f→0 and betas→1, which would make ᾱ_T exactly 0 (infinite -log SNR)
+        return betas.clamp(max=0.999)
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        valid = ", ".join(PREDICTION_TYPES)
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {valid}")
+
+
+class NoiseSchedule:
+    """Discrete forward process x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε, ᾱ_t = ∏_{i≤t}(1-β_i)."""
+
+    def __init__(self, betas: torch.Tensor) -> None:
+        betas = betas.detach().to("cpu", torch.float64)
+        self.betas = betas  # (T,) float64
+        self.num_timesteps = betas.shape[0]
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (T,) float64
+        self.alphas_cumprod_f32 = self.alphas_cumprod.float()
+        # √ᾱ, √(1-ᾱ) in float64 before any cast, so 1-ᾱ near t=0 keeps its digits
+        self._sqrt_ac = self.alphas_cumprod.sqrt()
+        self._sqrt_1m_ac = (1 - self.alphas_cumprod).sqrt()
+        self._snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def from_name(cls, schedule: str, num_timesteps: int = 1000, **kwargs: float) -> NoiseSchedule:
+        """NoiseSchedule(make_betas(schedule, num_timesteps, ...))."""
+        return cls(make_betas(schedule, num_timesteps, **kwargs))
+
+    def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # cached per device: the hot path never re-uploads (and MPS lacks float64)
+        key = (name, device, dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1-ᾱ_t)) at t (B,), shaped (B, 1, 1, ...) to broadcast over like."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        t = t.to(like.device)
+        shape = (t.shape[0],) + (1,) * (like.ndim - 1)
+        a = self._table("_sqrt_ac", like.device, dtype)[t].view(shape)
+        s = self._table("_sqrt_1m_ac", like.device, dtype)[t].view(shape)
+        return a, s
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε."""
+        a, s = self._coefs(t, x0)
+        return (a * x0 + s * noise).to(x0.dtype)  # (B, C, H, W)
+
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = √ᾱ_t·ε − √(1-ᾱ_t)·x0."""
+        a, s = self._coefs(t, x0)
+        return (a * noise - s * x0).to(x0.dtype)
+
+    def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ε = √(1-ᾱ_t)·x_t + √ᾱ_t·v."""
+        a, s = self._coefs(t, x_t)
+        return (s * x_t + a * v).to(x_t.dtype)
+
+    def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x0 = √ᾱ_t·x_t − √(1-ᾱ_t)·v."""
+        a, s = self._coefs(t, x_t)
+        return (a * x_t - s * v).to(x_t.dtype)
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t − √(1-ᾱ_t)·ε) / √ᾱ_t."""
+        a, s = self._coefs(t, x_t)
+        return ((x_t - s * eps) / a).to(x_t.dtype)
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """ε = (x_t − √ᾱ_t·x0) / √(1-ᾱ_t)."""
+        a, s = self._coefs(t, x_t)
+        return ((x_t - a * x0) / s).to(x_t.dtype)
+
+    def to_eps(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        model_out: torch.Tensor,
+        prediction_type: str,
+    ) -> torch.Tensor:
+        """ε from the network output: eps → as is, v → √(1-ᾱ_t)·x_t + √ᾱ_t·v."""
+        _check_prediction_type(prediction_type)
+        if prediction_type == "eps":
+            return model_out
+        return self.eps_from_v(x_t, t, model_out)
+
+    def target(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        prediction_type: str,
+    ) -> torch.Tensor:
+        """Training target: eps → ε, v → √ᾱ_t·ε − √(1-ᾱ_t)·x0."""
+        _check_prediction_type(prediction_type)
+        if prediction_type == "eps":
+            return noise
+        return self.v_target(x0, t, noise)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = ᾱ_t / (1-ᾱ_t), float32 (B,) on t's device."""
+        return self._table("_snr", t.device, torch.float32)[t]
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+        """Min-SNR-γ weight (B,): eps → min(SNR, γ)/SNR, v → min(SNR, γ)/(SNR+1)."""
+        _check_prediction_type(prediction_type)
+        snr = self.snr(t)
+        # relative to the x0-loss, the v-loss carries a factor SNR+1 and eps carries SNR
+        denom = snr if prediction_type == "eps" else snr + 1
+        return snr.clamp(max=gamma) / denom
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ε + strength·N(0, 1) of shape (B, C, 1, 1), so per-channel means can shift."""
+    shape = noise.shape[:2] + (1,) * (noise.ndim - 2)  # (B, C, 1, 1)
+    device = generator.device if generator is not None else noise.device
+    extra = torch.randn(shape, generator=generator, device=device, dtype=noise.dtype)
+    return noise + strength * extra.to(noise.device)

@@ -1,0 +1,75 @@
+"""The frozen autoencoder as stage 2 sees it: the only place the latent scale factor is applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm_train.artifacts import content_hash, load_autoencoder
+
+
+class LatentStdError(RuntimeError):
+    """Scaled latents far from unit variance: training on them would quietly fail."""
+
+
+class FirstStage(nn.Module):
+    """Frozen autoencoder + calibrated `scale_factor`: encode(x) = z·s on the way in, decode(z) = D(z/s) out."""
+
+    def __init__(self, autoencoder: nn.Module, calibration: dict, sample_posterior: bool = True,
+                 path: Path | None = None):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.calibration = calibration
+        self.scale_factor = float(calibration["scale_factor"])
+        self.sample_posterior = sample_posterior
+        self.path = Path(path) if path else None
+        self.latent_channels = autoencoder.z_channels
+        self.downsample_factor = autoencoder.downsample_factor
+
+    @classmethod
+    def from_artifact(cls, path: Path, f: int | None = None, regularizer: str | None = None,
+                      sample_posterior: bool = True) -> FirstStage:
+        model, calibration = load_autoencoder(path, f, regularizer, require_calibration=True)
+        return cls(model, calibration, sample_posterior, path)
+
+    def train(self, mode: bool = True) -> FirstStage:
+        return super().train(False)  # frozen: never back in training mode
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.path)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → scaled latents (B, C, H/f, W/f)."""
+        sample = self.sample_posterior if sample is None else sample
+        return self.autoencoder.latent(x, sample=sample) * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images in [-1, 1] (clamped)."""
+        return self.autoencoder.decode_latent(z / self.scale_factor).clamp(-1, 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        r = resolution // self.downsample_factor
+        return (self.latent_channels, r, r)
+
+    @torch.no_grad()
+    def health_check(self, x: torch.Tensor, std_range: tuple[float, float]) -> dict:
+        """Encode a batch; refuse (LatentStdError) when the scaled std is outside `std_range`."""
+        z = self.encode(x)
+        stats = {"scaled_mean": float(z.mean()), "scaled_std": float(z.std()), "scale_factor": self.scale_factor,
+                 "raw_std": float(z.std()) / self.scale_factor, "calibrated_raw_std": self.calibration["raw_std"]}
+        lo, hi = std_range
+        if not lo <= stats["scaled_std"] <= hi:
+            raise LatentStdError(
+                f"latent health check failed: scaled latent std {stats['scaled_std']:.3f} is outside [{lo}, {hi}] "
+                f"(scaled mean {stats['scaled_mean']:.3f}, scale_factor {self.scale_factor:.5f}, raw std "
+                f"{stats['raw_std']:.4f}, raw std at calibration {stats['calibrated_raw_std']:.4f}). The autoencoder "
+                "or data changed since calibration: re-run stage=calibrate, or widen diffusion.latent_std_range"
+                + (". A raw std well above the calibrated one means the KL posterior is still wide (an undertrained "
+                   "autoencoder): train stage 1 longer or set diffusion.sample_posterior=false"
+                   if self.sample_posterior and self.autoencoder.arch["regularizer"]["name"] == "kl" else ""))
+        return stats

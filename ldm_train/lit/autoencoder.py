@@ -1,0 +1,97 @@
+"""Stage-1 LightningModule: wires the Autoencoder, its loss and two Adam optimizers (manual optimisation)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ldm_train.losses.autoencoder_loss import AutoencoderLoss
+from ldm_train.models.autoencoder import Autoencoder
+from ldm_train.utils.images import save_grid
+
+log = logging.getLogger(__name__)
+
+
+class AutoencoderModule(L.LightningModule):
+    """Each batch: one generator step (reconstruction + regularizer [+ λ·g]) then one discriminator step.
+
+    Lightning counts every optimizer.step() in global_step, and both optimizers step on every batch, so the
+    batch index is global_step // 2 (the discriminator step is a no-op before disc_start).
+    """
+
+    def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, out_dir: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.autoencoder = Autoencoder(arch)
+        reduction = "sum" if arch["regularizer"]["name"] == "kl" else "mean"
+        disc = dict(loss["disc"], in_channels=arch["in_channels"])
+        self.loss = AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, perceptual=loss["perceptual"],
+                                    disc=disc, disc_start=loss["disc_start"], disc_weight=loss["disc_weight"],
+                                    disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
+                                    logvar_init=loss["logvar_init"])
+        self.lr = lr
+        self.out_dir = out_dir
+        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.perceptual_name = self.loss.perceptual_name
+
+    @property
+    def batch_step(self) -> int:
+        return self.global_step // 2
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        opt_g, opt_d = self.optimizers()
+        step = self.batch_step
+        xrec, reg_log = self.autoencoder(x)
+        g_loss, logs = self.loss.generator_loss(x, xrec, reg_log, step, self.autoencoder.last_layer)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+        d_loss, d_logs = self.loss.discriminator_loss(x, xrec, step)
+        opt_d.zero_grad(set_to_none=True)
+        if d_loss is not None:
+            self.manual_backward(d_loss)
+        opt_d.step()  # counted by Lightning either way, which keeps batch_step = global_step // 2
+        logs.update(d_logs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
+        self.log("loss", logs["loss"], prog_bar=True, logger=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        xrec, _ = self.autoencoder(x)
+        xrec = xrec.clamp(-1, 1)
+        self.val_psnr.update(xrec, x)
+        self.val_ssim.update(xrec, x)
+        self.log(f"val/{self.perceptual_name}", self.loss.perceptual(x, xrec).mean(), sync_dist=True)
+        self.log("val/l1", (x - xrec).abs().mean(), sync_dist=True)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            n = min(8, len(x))
+            grid = torch.cat([x[:n], xrec[:n]])
+            path = save_grid(grid, run_dir_of(self) / "recon" / f"step_{self.batch_step:07d}.png", nrow=n, scale=2)
+            if hasattr(self.logger, "log_image"):  # wandb shows the grid; every logger gets the PNG file
+                self.logger.log_image("val/reconstructions", [str(path)], step=self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
+        self.log("val/ssim", self.val_ssim.compute())
+        self.val_psnr.reset()
+        self.val_ssim.reset()
+
+    def configure_optimizers(self):
+        g_params = list(self.autoencoder.parameters())
+        if self.loss.logvar.requires_grad:
+            g_params.append(self.loss.logvar)
+        opt_g = torch.optim.Adam(g_params, lr=self.lr, betas=(0.5, 0.9))
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        return [opt_g, opt_d]
+
+
+def run_dir_of(module: L.LightningModule) -> Path:
+    return Path(module.out_dir) if module.out_dir else Path(module.trainer.default_root_dir)

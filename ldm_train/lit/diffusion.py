@@ -1,0 +1,120 @@
+"""Stage-2 LightningModule: ε/v-prediction on scaled latents with CFG dropout, EMA and sample grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_train.diffusion.ema import EMA
+from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
+from ldm_train.first_stage import FirstStage
+from ldm_train.sampling import generate
+from ldm_train.utils.images import save_grid
+
+
+def cfg_drop_mask(batch_size: int, p: float, device: torch.device | str = "cpu",
+                  force: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool (B,): True where a sample's conditioning is replaced by the null conditioning (prob. p), or `force`."""
+    if force is not None:
+        return force.to(device=device, dtype=torch.bool)
+    return torch.rand(batch_size, device=device) < p
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, first_stage: FirstStage, cfg: dict,
+                 resolution: int, out_dir: str | None = None, alignment_fn=None):
+        super().__init__()
+        self.unet, self.text_encoder, self.first_stage = unet, text_encoder, first_stage
+        self.cfg = cfg
+        self.resolution = resolution
+        self.out_dir = out_dir
+        self.alignment_fn = alignment_fn
+        self.schedule = NoiseSchedule.from_name(cfg["schedule"], cfg["num_timesteps"], beta_start=cfg["beta_start"],
+                                                beta_end=cfg["beta_end"])
+        self.ema = EMA(self.trainable(), max_decay=cfg["ema_decay"])
+        self.force_drop: torch.Tensor | None = None  # tests set this to force CFG dropout
+
+    def trainable(self) -> nn.ModuleDict:
+        """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly."""
+        parts = {"unet": self.unet}
+        if getattr(self.text_encoder, "trainable", False):
+            parts["text_encoder"] = self.text_encoder
+        return nn.ModuleDict(parts)
+
+    def diffusion_loss(self, z0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """MSE between the U-Net output and the ε (or v) target at uniform t, optionally min-SNR-γ weighted."""
+        c = self.cfg
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=z0.device)
+        noise = torch.randn_like(z0)
+        if c["offset_noise"]:
+            noise = offset_noise(noise, c["offset_noise"])
+        zt = self.schedule.q_sample(z0, t, noise)  # (B, C, h, w)
+        out = self.unet(zt, t, context)
+        target = self.schedule.target(z0, t, noise, c["prediction_type"])
+        mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+        if c["min_snr_gamma"]:
+            mse = mse * self.schedule.min_snr_weight(t, c["min_snr_gamma"], c["prediction_type"]).to(mse)
+        return mse.mean()
+
+    def condition(self, batch: dict, drop: torch.Tensor | None) -> torch.Tensor:
+        return self.text_encoder(list(batch["caption"]), labels=batch.get("label"), drop=drop)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        z0 = self.first_stage.encode(batch["image"])  # scaled latents (B, C, h, w)
+        drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
+        loss = self.diffusion_loss(z0, self.condition(batch, drop))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(z0))
+        self.log("train/cfg_drop_fraction", drop.float().mean(), batch_size=len(z0))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        decay = self.ema.update(self.trainable())  # after every optimizer step, identically on every rank
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/ema_decay", decay, batch_size=1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        z0 = self.first_stage.encode(batch["image"], sample=False)
+        gen = torch.Generator(device="cpu").manual_seed(batch_idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            loss = self.diffusion_loss(z0, self.condition(batch, None))
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(z0))
+
+    def on_validation_epoch_end(self) -> None:
+        c = self.cfg
+        prompts = [p for p in c["val_prompts"] for _ in range(c["val_n_per_prompt"])]
+        ema = self.ema.module
+        images = generate(ema["unet"], ema["text_encoder"] if "text_encoder" in ema else self.text_encoder,
+                          self.first_stage, self.schedule, prompts, resolution=self.resolution,
+                          prediction_type=c["prediction_type"], guidance_scale=c["val_guidance_scale"],
+                          sampler=c["val_sampler"], steps=c["val_steps"], seed=0)
+        if self.alignment_fn is not None:
+            self.log("val/caption_alignment", self.alignment_fn(images, prompts), sync_dist=True)
+        if self.trainer.is_global_zero:
+            out = Path(self.out_dir or self.trainer.default_root_dir) / "samples"
+            path = save_grid(images, out / f"step_{self.global_step:07d}.png", nrow=c["val_n_per_prompt"],
+                             captions=list(c["val_prompts"]), scale=2)
+            if hasattr(self.logger, "log_image"):
+                self.logger.log_image("val/samples", [str(path)], step=self.global_step)
+
+    def configure_optimizers(self):
+        c = self.cfg
+        params = [p for p in self.trainable().parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"], fused=fused or None)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, c["warmup_steps"], c["max_steps"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,76 @@
+"""Lightning Trainer and logger construction shared by both training stages."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.config import ConfigError, run_dir
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(requested: str) -> str:
+    """auto → online only when credentials or WANDB_MODE are configured, so no run ever blocks on a login prompt."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def build_logger(cfg: DictConfig, job_type: str):
+    name = cfg.logger.name
+    save_dir = str(run_dir(cfg))
+    if name == "none":
+        return False
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir, name="csv", version="")
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir, name="tensorboard", version="")
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = wandb_mode(cfg.logger.get("mode", "auto"))
+        if mode == "offline":
+            log.info("wandb runs offline (no API key or WANDB_MODE); upload later with `wandb sync %s/wandb`",
+                     save_dir)
+        return WandbLogger(project=cfg.logger.project, name=f"{job_type}-{cfg.name}", job_type=job_type,
+                           save_dir=save_dir, mode=mode,
+                           config=OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+    raise ConfigError(f"unknown logger {name!r}; valid: wandb, csv, tensorboard, none")
+
+
+def build_strategy(cfg: DictConfig):
+    s = cfg.strategy
+    if s.name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=s.get("find_unused_parameters", False))
+    return s.name
+
+
+def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
+                  limit_val_batches: int | None = None) -> L.Trainer:
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
+                           every_n_train_steps=max(1, val_every))
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=build_strategy(cfg), max_steps=max_steps, max_time=t.max_time,
+        val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic, logger=build_logger(cfg, job_type), callbacks=[ckpt, *callbacks],
+        default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
+    )

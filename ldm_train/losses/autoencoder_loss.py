@@ -1,0 +1,104 @@
+"""Stage-1 loss: L1 + perceptual, a learned log-variance, the KL or VQ term, and an adaptive PatchGAN term."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_train.losses.perceptual import build_perceptual
+from ldm_train.models.discriminator import PatchDiscriminator
+
+log = logging.getLogger(__name__)
+
+
+def adaptive_disc_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                         disc_weight: float) -> torch.Tensor:
+    """λ = clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4).detach() · disc_weight, L = the decoder's last weight."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    lam = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
+    return lam * disc_weight
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (mean softplus(−D(x)) + mean softplus(D(x̂)))."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+class AutoencoderLoss(nn.Module):
+    """rec = |x − x̂| + w_p·P(x, x̂); nll = rec/exp(logvar) + logvar; + reg_weight·reg + λ·g after disc_start.
+
+    `reduction="sum"` (KL) sums nll over C,H,W and averages over the batch, as CompVis does, so kl_weight 1e-6
+    keeps the paper's meaning; `reduction="mean"` (VQ) uses plain means, as taming does.
+    """
+
+    def __init__(self, *, reduction: str, reg_weight: float, perceptual: dict, disc: dict,
+                 disc_start: int, disc_weight: float = 0.5, disc_loss: str = "hinge", learn_logvar: bool = True,
+                 logvar_init: float = 0.0):
+        super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"loss.reduction must be sum or mean, got {reduction!r}")
+        if disc_loss not in D_LOSSES:
+            raise ValueError(f"unknown loss.disc_loss {disc_loss!r}; valid: {', '.join(D_LOSSES)}")
+        self.reduction, self.reg_weight = reduction, reg_weight
+        self.perceptual_weight = perceptual["weight"]
+        self.perceptual, self.perceptual_name = build_perceptual(perceptual)
+        self.discriminator = PatchDiscriminator(**disc)
+        self.disc_start, self.disc_weight, self.disc_loss_name = disc_start, disc_weight, disc_loss
+        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+
+    def disc_factor(self, step: int) -> float:
+        """1 from `disc_start` on, 0 before: nothing adversarial happens before it."""
+        return 1.0 if step >= self.disc_start else 0.0
+
+    def reconstruction(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel rec (B, C, H, W) and the perceptual distance (B, 1, 1, 1) used in it."""
+        rec = (x - xrec).abs()
+        p = torch.zeros((), device=x.device)
+        if self.perceptual_weight > 0:
+            p = self.perceptual(x.contiguous(), xrec.contiguous())  # (B, 1, 1, 1)
+            rec = rec + self.perceptual_weight * p
+        return rec, p
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).sum(1).mean() if self.reduction == "sum" else t.mean()
+
+    def generator_loss(self, x: torch.Tensor, xrec: torch.Tensor, reg_log: dict, step: int,
+                       last_layer: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        rec, p = self.reconstruction(x, xrec)
+        nll = self.reduce(rec / self.logvar.exp() + self.logvar)
+        reg_key = "kl" if "kl" in reg_log else "vq_loss"
+        loss = nll + self.reg_weight * reg_log[reg_key]
+        factor = self.disc_factor(step)
+        logs = {"rec": rec.detach().mean(), "l1": (x - xrec).detach().abs().mean(),
+                self.perceptual_name: p.detach().mean(), "nll": nll.detach(), "logvar": self.logvar.detach(),
+                "disc_factor": torch.tensor(factor)}
+        logs.update({k: v.detach() for k, v in reg_log.items()})
+        if factor > 0:
+            g = -self.discriminator(xrec.contiguous()).mean()
+            lam = adaptive_disc_weight(nll, g, last_layer, self.disc_weight) if self.training else \
+                torch.tensor(0.0, device=x.device)
+            loss = loss + lam * factor * g
+            logs.update(g=g.detach(), disc_lambda=lam)
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor, step: int) -> tuple[torch.Tensor | None, dict]:
+        """Discriminator loss on detached inputs; None before disc_start (no D step happens)."""
+        if self.disc_factor(step) == 0:
+            return None, {}
+        real = self.discriminator(x.detach().contiguous())
+        fake = self.discriminator(xrec.detach().contiguous())
+        d = D_LOSSES[self.disc_loss_name](real, fake)
+        return d, {"d_loss": d.detach(), "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}

@@ -1,0 +1,71 @@
+"""Stage 1: train the autoencoder, calibrate its latent scale, write the artifact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.artifacts import save_autoencoder
+from ldm_train.config import artifacts_root, resolved_arch, run_dir
+from ldm_train.data import build_datasets, make_loader
+from ldm_train.lit.autoencoder import AutoencoderModule
+from ldm_train.lit.trainer import build_trainer
+from ldm_train.stages.calibrate import calibrate_module
+
+log = logging.getLogger(__name__)
+
+
+def global_batch(cfg: DictConfig, batch_size: int) -> int:
+    """Images per optimizer step across devices and nodes (this stage uses no gradient accumulation)."""
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    return batch_size * max(1, devices) * cfg.trainer.num_nodes
+
+
+def run(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    ae = cfg.autoencoder
+    arch = resolved_arch(cfg)
+    train_ds, val_ds = build_datasets(cfg.data)
+    gb = global_batch(cfg, ae.batch_size)
+    lr = ae.lr * gb if ae.scale_lr else ae.lr
+    log.info("stage 1: %s f=%d, %d train / %d val images, global batch %d, lr %.3g%s", arch["regularizer"]["name"],
+             arch["f"], len(train_ds), len(val_ds), gb, lr, f" (= {ae.lr:g} × {gb})" if ae.scale_lr else "")
+    reg_weight = cfg.regularizer.kl_weight if cfg.regularizer.name == "kl" else cfg.regularizer.codebook_weight
+    module = AutoencoderModule(arch, OmegaConf.to_container(ae.loss, resolve=True), reg_weight, lr,
+                               out_dir=str(run_dir(cfg)))
+    perceptual = {"net": ae.loss.perceptual.net, "weights": module.loss.perceptual.resolved,
+                  "metric_name": module.perceptual_name}
+    log.info("perceptual loss: %s backbone with %s weights → logged as %s", perceptual["net"],
+             perceptual["weights"], perceptual["metric_name"])
+    n_params = sum(p.numel() for p in module.autoencoder.parameters())
+    log.info("autoencoder: %.3fM parameters, latent %d×%d×%d", n_params / 1e6, arch["z_channels"],
+             arch["resolution"] // arch["f"], arch["resolution"] // arch["f"])
+
+    val_every = min(ae.val_every, ae.max_steps)
+    trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
+                            limit_val_batches=ae.val_batches)
+    if trainer.logger:
+        trainer.logger.log_hyperparams({"perceptual": perceptual, "lr_used": lr, "global_batch": gb})
+    train_loader = make_loader(train_ds, ae.batch_size, True, cfg.data.num_workers, drop_last=True)
+    val_loader = make_loader(val_ds, ae.batch_size, False, cfg.data.num_workers)
+    start = time.time()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path)
+    train_seconds = time.time() - start
+    val = trainer.validate(module, val_loader, verbose=False)[0]
+
+    calibration = calibrate_module(module.autoencoder, val_ds, cfg, trainer)
+    metrics = {k.removeprefix("val/"): float(v) for k, v in val.items()}
+    metrics.update(train_seconds=train_seconds, steps=module.batch_step, parameters=n_params,
+                   perceptual=perceptual, scale_factor=calibration["scale_factor"])
+    target = artifacts_root(cfg) / "autoencoder" / f"{arch['regularizer']['name']}_f{arch['f']}"
+    if trainer.is_global_zero:
+        save_autoencoder(target, module.autoencoder, arch, calibration, metrics)
+        log.info("wrote autoencoder artifact %s\n%s", target, json.dumps(metrics, indent=1))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics

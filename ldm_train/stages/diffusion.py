@@ -1,0 +1,93 @@
+"""Stage 2: train the text-conditional U-Net on scaled latents of the frozen, calibrated autoencoder."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.artifacts import save_diffusion
+from ldm_train.config import ConfigError, autoencoder_dir, diffusion_dir, run_dir
+from ldm_train.data import build_datasets, make_loader
+from ldm_train.first_stage import FirstStage
+from ldm_train.lit.diffusion import DiffusionModule
+from ldm_train.lit.trainer import build_trainer
+from ldm_train.models.text import build_text_encoder
+from ldm_train.models.unet import UNet
+from ldm_train.sampling import generate
+
+log = logging.getLogger(__name__)
+
+
+def build_unet(unet_cfg: dict, latent_channels: int, context_dim: int) -> UNet:
+    cfg = dict(unet_cfg)
+    if cfg["context_dim"] != context_dim:
+        raise ConfigError(f"unet.context_dim={cfg['context_dim']} but the text encoder's width is {context_dim}; "
+                          "leave unet.context_dim=${text_encoder.dim} or set it to the encoder's width")
+    in_channels = cfg.pop("in_channels", latent_channels)
+    if in_channels != latent_channels:
+        raise ConfigError(f"unet.in_channels={in_channels} but the autoencoder's latents have {latent_channels} "
+                          "channels; remove the override (it follows the artifact)")
+    return UNet(in_channels=latent_channels, **cfg)
+
+
+def diffusion_config(cfg: DictConfig, first_stage: FirstStage) -> dict:
+    """Everything needed to rebuild and sample the model, stored as the artifact's config.yaml."""
+    return {"unet": OmegaConf.to_container(cfg.unet, resolve=True),
+            "text_encoder": OmegaConf.to_container(cfg.text_encoder, resolve=True),
+            "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
+            "resolution": cfg.data.resolution, "latent_channels": first_stage.latent_channels,
+            "f": int(cfg.f), "regularizer": cfg.regularizer.name, "data": cfg.data.name}
+
+
+def run(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    d = cfg.diffusion
+    first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name, d.sample_posterior)
+    train_ds, val_ds = build_datasets(cfg.data)
+    probe = next(iter(make_loader(train_ds, max(d.batch_size, 16), True)))
+    stats = first_stage.health_check(probe["image"], tuple(d.latent_std_range))
+    log.info("latent health check passed: scaled mean %.3f std %.3f (scale_factor %.5f)", stats["scaled_mean"],
+             stats["scaled_std"], stats["scale_factor"])
+    text_encoder = build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True))
+    unet = build_unet(OmegaConf.to_container(cfg.unet, resolve=True), first_stage.latent_channels, text_encoder.dim)
+    log.info("U-Net %.2fM parameters; text encoder %s (dim %d, %s)", sum(p.numel() for p in unet.parameters()) / 1e6,
+             cfg.text_encoder.name, text_encoder.dim, "trained jointly" if text_encoder.trainable else "frozen")
+    alignment = None
+    if cfg.data.name == "shapes":
+        from ldm_train.data.shapes import caption_alignment as alignment
+    module = DiffusionModule(unet, text_encoder, first_stage, OmegaConf.to_container(d, resolve=True),
+                             cfg.data.resolution, out_dir=str(run_dir(cfg)), alignment_fn=alignment)
+    trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
+                            limit_val_batches=2)
+    start = time.time()
+    trainer.fit(module, make_loader(train_ds, d.batch_size, True, cfg.data.num_workers, drop_last=True),
+                make_loader(val_ds, d.batch_size, False, cfg.data.num_workers), ckpt_path=cfg.ckpt_path)
+    metrics = {"train_seconds": time.time() - start, "steps": trainer.global_step,
+               **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
+
+    ema = module.ema.module
+    if d.eval_samples and cfg.data.name == "shapes":
+        from ldm_train.evaluation.alignment import alignment_scores
+
+        text = ema["text_encoder"] if "text_encoder" in ema else text_encoder
+
+        def gen(prompts, scale, seed):
+            return generate(ema["unet"], text, first_stage, module.schedule, prompts, resolution=cfg.data.resolution,
+                            prediction_type=d.prediction_type, guidance_scale=scale, sampler=d.sampler,
+                            steps=d.steps, seed=seed)
+
+        metrics.update(alignment_scores(gen, d.eval_samples, d.guidance_scale))
+        log.info("caption alignment: cfg %.3f, no cfg %.3f, null prompt %.3f", metrics["caption_alignment_cfg"],
+                 metrics["caption_alignment_nocfg"], metrics["caption_alignment_null"])
+    target = diffusion_dir(cfg)
+    if trainer.is_global_zero:
+        save_diffusion(target, ema["unet"], ema["text_encoder"] if "text_encoder" in ema else None,
+                       diffusion_config(cfg, first_stage), first_stage.path, metrics)
+        log.info("wrote diffusion artifact %s", target)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics

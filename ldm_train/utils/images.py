@@ -1,0 +1,52 @@
+"""Image helpers: tensors in [-1, 1] ↔ PNG files, and grids with optional captions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) or (3, H, W) in [-1, 1] → uint8 (…, H, W, 3)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+def save_png(x: torch.Tensor, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(x)).save(path)
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, captions: list[str] | None = None,
+              scale: int = 1) -> Image.Image:
+    """A grid of (B, 3, H, W) images in [-1, 1]; `captions` (one per row) are written above each row."""
+    arr = to_uint8(images)
+    b, h, w, _ = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    ncol_rows = math.ceil(b / nrow)
+    h, w = h * scale, w * scale
+    cap_h = 14 if captions else 0
+    pad = 2
+    width = max(nrow * (w + pad) + pad, 8 * max((len(c) for c in captions), default=0) if captions else 0)
+    grid = Image.new("RGB", (width, ncol_rows * (h + pad + cap_h) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        top = pad + r * (h + pad + cap_h)
+        if captions and c == 0 and r < len(captions):
+            draw.text((pad, top), captions[r], fill=(0, 0, 0))
+        tile = Image.fromarray(arr[i]).resize((w, h), Image.NEAREST)
+        grid.paste(tile, (pad + c * (w + pad), top + cap_h))
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None,
+              scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow, captions, scale).save(path)
+    return path
