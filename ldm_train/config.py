@@ -7,7 +7,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-STAGES = ("autoencoder", "calibrate", "diffusion", "sample")
+# The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
+# and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
+ARCH_DIR = Path(__file__).resolve().parent / "arch"
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "pipeline")
 
 
 class ConfigError(ValueError):
@@ -15,11 +18,11 @@ class ConfigError(ValueError):
 
 
 def valid_factors() -> list[int]:
-    return sorted(int(p.stem[1:]) for p in (CONF_DIR / "f").glob("f*.yaml"))
+    return sorted(int(p.stem[1:]) for p in ARCH_DIR.glob("f*.yaml"))
 
 
 def autoencoder_arch(f, regularizer: str) -> dict:
-    """The architecture of factor `f` for a regularizer, read from conf/f/f<f>.yaml (data, not code)."""
+    """The architecture of factor `f` for a regularizer, read from ldm_train/arch/f<f>.yaml (data, not code)."""
     valid = valid_factors()
     try:
         f_int = int(f)
@@ -28,7 +31,7 @@ def autoencoder_arch(f, regularizer: str) -> dict:
     if f_int not in valid or isinstance(f, bool):
         raise ConfigError(f"invalid f={f!r}: valid downsampling factors are {', '.join(map(str, valid))} "
                           f"(e.g. f=8, or -m f=4,8,16)")
-    table = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "f" / f"f{f_int}.yaml"))
+    table = OmegaConf.to_container(OmegaConf.load(ARCH_DIR / f"f{f_int}.yaml"))
     if regularizer not in table:
         raise ConfigError(f"f={f_int} has no {regularizer!r} architecture; valid regularizers: {', '.join(table)}")
     return table[regularizer]
@@ -36,7 +39,8 @@ def autoencoder_arch(f, regularizer: str) -> dict:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ldm_arch"):
-        OmegaConf.register_new_resolver("ldm_arch", autoencoder_arch)
+        # a DictConfig, not a dict: OmegaConf.resolve (and so `--cfg job --resolve`) rejects a plain dict result
+        OmegaConf.register_new_resolver("ldm_arch", lambda f, reg: OmegaConf.create(autoencoder_arch(f, reg)))
 
 
 register_resolvers()
@@ -58,7 +62,7 @@ def resolved_arch(cfg: DictConfig) -> dict:
                 attn_resolutions=list(table["attn_resolutions"]), regularizer=reg_arch)
     f = 2 ** (len(arch["ch_mult"]) - 1)
     if f != arch["f"]:
-        raise ConfigError(f"conf/f/f{cfg.f}.yaml has ch_mult {arch['ch_mult']} (f={f}), not f={cfg.f}")
+        raise ConfigError(f"ldm_train/arch/f{cfg.f}.yaml has ch_mult {arch['ch_mult']} (f={f}), not f={cfg.f}")
     if cfg.data.resolution % f:
         raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by f={f}; "
                           f"use a multiple of {f}")

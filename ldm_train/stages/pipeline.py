@@ -1,0 +1,56 @@
+"""`stage=pipeline`: stage 1 (+ calibration) → stage 2 → samples and caption alignment, in one job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from omegaconf import DictConfig, open_dict
+
+from ldm_train.artifacts import ArtifactError, atomic_write_json, load_autoencoder
+from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
+from ldm_train.stages import autoencoder as stage1
+from ldm_train.stages import diffusion as stage2
+from ldm_train.stages import sample as sample_stage
+
+log = logging.getLogger(__name__)
+
+
+def reusable_autoencoder(cfg: DictConfig) -> dict | None:
+    """The existing artifact's metrics when it has exactly the architecture this run would train."""
+    path = autoencoder_dir(cfg)
+    try:
+        model, _ = load_autoencoder(path, cfg.f, cfg.regularizer.name)
+    except ArtifactError:
+        return None
+    if model.arch != resolved_arch(cfg):
+        log.info("existing %s has another architecture: retraining stage 1", path)
+        return None
+    return json.loads((path / "metrics.json").read_text())
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.time()
+    ae_metrics = reusable_autoencoder(cfg) if cfg.pipeline.reuse_autoencoder else None
+    if ae_metrics is None:
+        log.info("== stage 1: autoencoder %s_f%s ==", cfg.regularizer.name, cfg.f)
+        ae_metrics = stage1.run(cfg)
+    else:
+        log.info("== stage 1: reusing %s ==", autoencoder_dir(cfg))
+    log.info("== stage 2: latent diffusion ==")
+    d_metrics = stage2.run(cfg)
+    log.info("== samples ==")
+    with open_dict(cfg):
+        cfg.out_dir = str(run_dir(cfg) / "samples")
+    samples = sample_stage.run(cfg)
+    metrics = {"recon_psnr": ae_metrics.get("psnr"), "scale_factor": ae_metrics.get("scale_factor"),
+               **{k: v for k, v in d_metrics.items() if k.startswith("caption_alignment")},
+               "autoencoder_train_seconds": ae_metrics.get("train_seconds"),
+               "diffusion_train_seconds": d_metrics.get("train_seconds"),
+               "grid": samples["grid"], "wall_seconds": time.time() - start}
+    out = run_dir(cfg) / "metrics.json"
+    atomic_write_json(out, metrics)
+    log.info("pipeline done in %.0f s\n  samples: %s\n  metrics: %s\n%s", metrics["wall_seconds"], samples["grid"],
+             out, json.dumps(metrics, indent=1))
+    return metrics
