@@ -15,7 +15,10 @@ log = logging.getLogger("ldm_train")
 
 def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
-    validate(cfg)
+    validate(cfg)  # before any heavy import: a bad config fails in a second
+    from ldm_train.lit.trainer import quiet_lightning  # lazy: `--help` and `--cfg` need no Lightning/torch
+
+    quiet_lightning()
     stage = importlib.import_module(f"ldm_train.stages.{cfg.stage}")
     return stage.run(cfg)
 

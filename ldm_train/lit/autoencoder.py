@@ -60,8 +60,8 @@ class AutoencoderModule(L.LightningModule):
             self.manual_backward(d_loss)
         opt_d.step()  # counted by Lightning either way, which keeps batch_step = global_step // 2
         logs.update(d_logs)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
-        self.log("loss", logs["loss"], prog_bar=True, logger=False)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(x))
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(x))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
@@ -69,8 +69,9 @@ class AutoencoderModule(L.LightningModule):
         xrec = xrec.clamp(-1, 1)
         self.val_psnr.update(xrec, x)
         self.val_ssim.update(xrec, x)
-        self.log(f"val/{self.perceptual_name}", self.loss.perceptual(x, xrec).mean(), sync_dist=True)
-        self.log("val/l1", (x - xrec).abs().mean(), sync_dist=True)
+        self.log(f"val/{self.perceptual_name}", self.loss.perceptual(x, xrec).mean(), sync_dist=True,
+                 batch_size=len(x))
+        self.log("val/l1", (x - xrec).abs().mean(), sync_dist=True, batch_size=len(x))
         if batch_idx == 0 and self.trainer.is_global_zero:
             n = min(8, len(x))
             grid = torch.cat([x[:n], xrec[:n]])

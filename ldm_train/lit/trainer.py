@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,30 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.config import ConfigError, run_dir
 
 log = logging.getLogger(__name__)
+
+# Lightning notices that are expected here: frozen modules (LPIPS, the first stage, frozen text encoders) sit in
+# eval mode by design, and checkpoints of manual optimisation hold the post-step state, which is what resume needs.
+_EXPECTED = (r".*module\(s\) in eval mode.*", r".*ModelCheckpoint with manual optimization.*",
+             r".*isinstance\(treespec, LeafSpec\).*")
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """One copy of each Lightning log line (through Hydra's handlers), without advertising tips."""
+    root = logging.getLogger()
+    if root.handlers:  # under Hydra the root logger prints; Lightning's own handlers would double every line
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).propagate = True
+        for handler in root.handlers:
+            if not any(isinstance(f, _DropTips) for f in handler.filters):
+                handler.addFilter(_DropTips())
+    for pattern in _EXPECTED:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def wandb_mode(requested: str) -> str:
@@ -63,6 +88,7 @@ def build_strategy(cfg: DictConfig):
 
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
                   limit_val_batches: int | None = None) -> L.Trainer:
+    quiet_lightning()
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every))

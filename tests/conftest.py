@@ -1,0 +1,47 @@
+"""Shared fixtures: compose the real Hydra configs, and train the smoke autoencoder once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ldm_train.config import CONF_DIR
+
+
+def compose_cfg(overrides: Iterable[str] = ()) -> DictConfig:
+    """The package's real `config` composed with command-line style overrides (no Hydra run, no output dir)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def smoke_overrides(root: Path) -> list[str]:
+    """`experiment=smoke` writing artifacts under `root`; `paths.run_dir` replaces `${hydra:...}` under compose."""
+    return ["experiment=smoke", "logger=none", f"paths.artifacts={root / 'artifacts'}",
+            f"paths.run_dir={root / 'run'}"]
+
+
+@pytest.fixture(name="compose_cfg")
+def compose_cfg_fixture():
+    return compose_cfg
+
+
+@pytest.fixture(scope="session")
+def smoke_autoencoder(tmp_path_factory) -> dict:
+    """The KL f=4 smoke autoencoder, trained once per session with `ldm_train.__main__.run`.
+
+    Treat the artifact as read-only (copy it before editing): other tests reuse it. Keys: `cfg_overrides`
+    (reproduce the run's config, append e.g. `stage=diffusion`), `artifacts` (the artifacts root), `artifact`
+    (the kl_f4 directory), `metrics` (what the stage returned).
+    """
+    from ldm_train.__main__ import run
+
+    root = tmp_path_factory.mktemp("smoke_autoencoder")
+    overrides = smoke_overrides(root)
+    metrics = run(compose_cfg(overrides))
+    artifacts = root / "artifacts"
+    return {"cfg_overrides": overrides, "artifacts": artifacts, "artifact": artifacts / "autoencoder" / "kl_f4",
+            "metrics": metrics}
