@@ -40,6 +40,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +58,7 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; artifacts are meant to be shared
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"

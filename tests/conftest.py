@@ -24,7 +24,7 @@ def smoke_overrides(root: Path) -> list[str]:
             f"paths.run_dir={root / 'run'}"]
 
 
-@pytest.fixture(name="compose_cfg")
+@pytest.fixture(name="compose_cfg", scope="session")
 def compose_cfg_fixture():
     return compose_cfg
 
