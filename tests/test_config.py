@@ -136,7 +136,8 @@ def test_smoke_composes_with_every_unet_and_text_encoder(compose_cfg, tmp_path, 
 
 def test_smoke_defaults(compose_cfg):
     cfg = compose_cfg(["experiment=smoke"])
-    assert cfg.unet.model_channels == UNETS["tiny"] and cfg.text_encoder.name == "scratch" and cfg.text_encoder.dim == 32
+    assert cfg.unet.model_channels == UNETS["tiny"]
+    assert cfg.text_encoder.name == "scratch" and cfg.text_encoder.dim == 32
     assert cfg.autoencoder.ch == 16 and cfg.autoencoder.num_groups == 8
 
 
