@@ -110,6 +110,20 @@ class DiffusionModule(L.LightningModule):
             if hasattr(self.logger, "log_image"):
                 self.logger.log_image("val/samples", [str(path)], step=self.global_step)
 
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Frozen parts come from their own artifacts/packages; checkpoints need not carry them."""
+        return ("first_stage.",) + (() if getattr(self.text_encoder, "trainable", False) else ("text_encoder.",))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(self.frozen_prefixes())]:
+            del sd[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # put the frozen weights back so the strict load still checks every trainable key
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self.frozen_prefixes())})
+
     def configure_optimizers(self):
         c = self.cfg
         params = [p for p in self.trainable().parameters() if p.requires_grad]

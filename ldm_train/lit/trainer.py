@@ -87,14 +87,15 @@ def build_strategy(cfg: DictConfig):
 
 
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
-                  limit_val_batches: int | None = None) -> L.Trainer:
+                  limit_val_batches: int | None = None, max_time: str | None = None) -> L.Trainer:
+    """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`."""
     quiet_lightning()
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-        strategy=build_strategy(cfg), max_steps=max_steps, max_time=t.max_time,
+        strategy=build_strategy(cfg), max_steps=max_steps, max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, logger=build_logger(cfg, job_type), callbacks=[ckpt, *callbacks],

@@ -48,13 +48,13 @@ def run(cfg: DictConfig) -> dict:
 
     val_every = min(ae.val_every, ae.max_steps)
     trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
-                            limit_val_batches=ae.val_batches)
+                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"))
     if trainer.logger:
         trainer.logger.log_hyperparams({"perceptual": perceptual, "lr_used": lr, "global_batch": gb})
     train_loader = make_loader(train_ds, ae.batch_size, True, cfg.data.num_workers, drop_last=True)
     val_loader = make_loader(val_ds, ae.batch_size, False, cfg.data.num_workers)
     start = time.time()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path, weights_only=True)
     train_seconds = time.time() - start
     val = trainer.validate(module, val_loader, verbose=False)[0]
 

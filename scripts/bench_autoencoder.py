@@ -1,0 +1,58 @@
+"""Stage-1 benchmark on shapes: train for a fixed wall time, print validation PSNR, the LPIPS variant, step time.
+
+    python scripts/bench_autoencoder.py                # KL f=4 at 32 px for 3 min, KL f=8 at 64 px for 10 min
+    python scripts/bench_autoencoder.py --only f4 --minutes 3
+
+Each case is a normal `python -m ldm_train stage=autoencoder` run (quickstart settings, time-limited), so
+the figures are what a user gets; artifacts go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = {
+    "f4": {"minutes": 3, "overrides": ["f=4", "data.resolution=32"], "goal_db": 33.0},
+    "f8": {"minutes": 10, "overrides": ["f=8", "data.resolution=64", "autoencoder.batch_size=32"], "goal_db": 28.0},
+}
+
+
+def run_case(name: str, minutes: float, extra: list[str]) -> dict:
+    case = CASES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = int(minutes * 60)
+        cmd = [sys.executable, "-m", "ldm_train", "stage=autoencoder", "experiment=quickstart", "logger=csv",
+               f"paths.artifacts={tmp}/artifacts", f"hydra.run.dir={tmp}/run", "autoencoder.max_steps=1000000",
+               f"trainer.max_time=00:00:{t // 60:02d}:{t % 60:02d}", "autoencoder.val_every=1000000",
+               "trainer.enable_progress_bar=false", *case["overrides"], *extra]
+        subprocess.run(cmd, check=True)
+        art = next(Path(tmp, "artifacts", "autoencoder").iterdir())
+        metrics = json.loads((art / "metrics.json").read_text())
+    lp = next(k for k in metrics if k.startswith("lpips"))
+    return {"case": f"KL {name} {case['overrides'][1].split('=')[1]} px", "minutes": minutes, "steps": metrics["steps"],
+            "step_ms": 1000 * metrics["train_seconds"] / max(1, metrics["steps"]), "psnr": metrics["psnr"],
+            "ssim": metrics["ssim"], "lpips_name": lp, "lpips_value": metrics[lp], "goal_db": case["goal_db"],
+            "params_M": metrics["parameters"] / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=list(CASES), action="append")
+    ap.add_argument("--minutes", type=float, help="override each case's wall time")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every case")
+    args = ap.parse_args()
+    rows = [run_case(n, args.minutes or CASES[n]["minutes"], args.overrides) for n in (args.only or list(CASES))]
+    print(f"\n{'case':<16}{'min':>5}{'params':>9}{'steps':>7}{'ms/step':>9}{'PSNR dB':>9}{'goal':>6}{'SSIM':>7}"
+          f"  perceptual")
+    for r in rows:
+        print(f"{r['case']:<16}{r['minutes']:>5.1f}{r['params_M']:>8.2f}M{r['steps']:>7}{r['step_ms']:>9.0f}"
+              f"{r['psnr']:>9.2f}{r['goal_db']:>6.0f}{r['ssim']:>7.3f}  {r['lpips_name']}={r['lpips_value']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
