@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +24,8 @@ class AutoencoderModule(L.LightningModule):
     batch index is global_step // 2 (the discriminator step is a no-op before disc_start).
     """
 
-    def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, out_dir: str | None = None):
+    def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, out_dir: str | None = None,
+                 lr_schedule: str = "constant", max_steps: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -34,7 +36,9 @@ class AutoencoderModule(L.LightningModule):
                                     disc=disc, disc_start=loss["disc_start"], disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
                                     logvar_init=loss["logvar_init"])
-        self.lr = lr
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"autoencoder.lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        self.lr, self.lr_schedule, self.max_steps = lr, lr_schedule, max_steps
         self.out_dir = out_dir
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
@@ -59,6 +63,10 @@ class AutoencoderModule(L.LightningModule):
         if d_loss is not None:
             self.manual_backward(d_loss)
         opt_d.step()  # counted by Lightning either way, which keeps batch_step = global_step // 2
+        logs["lr"] = opt_g.param_groups[0]["lr"]  # the LR this step used
+        scheds = self.lr_schedulers()  # manual optimisation: we step them, once per batch
+        for sched in scheds if isinstance(scheds, list) else [scheds] if scheds else []:
+            sched.step()
         logs.update(d_logs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(x))
         self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(x))
@@ -91,7 +99,15 @@ class AutoencoderModule(L.LightningModule):
             g_params.append(self.loss.logvar)
         opt_g = torch.optim.Adam(g_params, lr=self.lr, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
-        return [opt_g, opt_d]
+        if self.lr_schedule == "constant":
+            return [opt_g, opt_d]
+        schedule = lambda s: cosine_decay(s, self.max_steps)  # noqa: E731
+        return [opt_g, opt_d], [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_g, opt_d)]
+
+
+def cosine_decay(step: int, total: int) -> float:
+    """LR multiplier ½(1 + cos(π·step/total)), 0 from `total` on."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
 
 
 def run_dir_of(module: L.LightningModule) -> Path:

@@ -80,8 +80,11 @@ class DiffusionModule(L.LightningModule):
         self.log("train/cfg_drop_fraction", drop.float().mean(), batch_size=len(z0))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = self.ema.update(self.trainable())  # after every optimizer step, identically on every rank
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # right after every optimizer step, identically on every rank; not in on_train_batch_end, which runs
+        # after the callbacks' hook, so ModelCheckpoint would save the EMA one update behind the weights
+        decay = self.ema.update(self.trainable())
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/ema_decay", decay, batch_size=1)
 
