@@ -87,12 +87,16 @@ def build_strategy(cfg: DictConfig):
 
 
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
-                  limit_val_batches: int | None = None, max_time: str | None = None) -> L.Trainer:
-    """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`."""
+                  limit_val_batches: int | None = None, max_time: str | None = None,
+                  steps_per_batch: int = 1) -> L.Trainer:
+    """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`.
+
+    `steps_per_batch`: optimizer steps per batch (2 in stage 1), so checkpoints follow `val_every` batches.
+    """
     quiet_lightning()
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
-                           every_n_train_steps=max(1, val_every))
+                           every_n_train_steps=max(1, val_every) * steps_per_batch)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg), max_steps=max_steps, max_time=max_time or t.max_time,
@@ -101,3 +105,8 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
         deterministic=t.deterministic, logger=build_logger(cfg, job_type), callbacks=[ckpt, *callbacks],
         default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
     )
+
+
+def save_final_checkpoint(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """`last.ckpt` at the very end too (periodic saves can miss the last steps); all ranks must call it."""
+    trainer.save_checkpoint(run_dir(cfg) / "checkpoints" / "last.ckpt", weights_only=False)

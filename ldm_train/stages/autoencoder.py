@@ -14,7 +14,7 @@ from ldm_train.artifacts import save_autoencoder
 from ldm_train.config import artifacts_root, resolved_arch, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.lit.autoencoder import AutoencoderModule
-from ldm_train.lit.trainer import build_trainer
+from ldm_train.lit.trainer import build_trainer, save_final_checkpoint
 from ldm_train.stages.calibrate import calibrate_module
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
 
     val_every = min(ae.val_every, ae.max_steps)
     trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
-                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"))
+                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2)
     if trainer.logger:
         trainer.logger.log_hyperparams({"perceptual": perceptual, "lr_used": lr, "global_batch": gb})
     train_loader = make_loader(train_ds, ae.batch_size, True, cfg.data.num_workers, drop_last=True)
@@ -56,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
     start = time.time()
     trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path, weights_only=True)
     train_seconds = time.time() - start
+    save_final_checkpoint(trainer, cfg)
     val = trainer.validate(module, val_loader, verbose=False)[0]
 
     calibration = calibrate_module(module.autoencoder, val_ds, cfg, trainer)

@@ -14,7 +14,7 @@ from ldm_train.config import ConfigError, autoencoder_dir, diffusion_dir, run_di
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.first_stage import FirstStage
 from ldm_train.lit.diffusion import DiffusionModule
-from ldm_train.lit.trainer import build_trainer
+from ldm_train.lit.trainer import build_trainer, save_final_checkpoint
 from ldm_train.models.text import build_text_encoder
 from ldm_train.models.unet import UNet
 from ldm_train.sampling import generate
@@ -67,7 +67,9 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(module, make_loader(train_ds, d.batch_size, True, cfg.data.num_workers, drop_last=True),
                 make_loader(val_ds, d.batch_size, False, cfg.data.num_workers), ckpt_path=cfg.ckpt_path,
                 weights_only=True)
-    metrics = {"train_seconds": time.time() - start, "steps": trainer.global_step,
+    train_seconds = time.time() - start
+    save_final_checkpoint(trainer, cfg)
+    metrics = {"train_seconds": train_seconds, "steps": trainer.global_step,
                **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
 
     ema = module.ema.module
