@@ -133,7 +133,7 @@ def load_autoencoder(artifact: Path, expect_f: int | None = None, expect_regular
     if not (artifact / "model.safetensors").exists():
         hint = stage1_command(expect_regularizer or "kl", expect_f or 4)
         raise ArtifactError(f"no autoencoder artifact at {artifact}: train it first with `{hint}` "
-                            "(or point diffusion.autoencoder_path= at an existing one)")
+                            "(or point autoencoder.path= at an existing one)")
     arch = read_arch(artifact)
     if expect_f is not None and int(arch["f"]) != int(expect_f):
         raise ArtifactError(f"autoencoder {artifact} has f={arch['f']}, but the run asks for f={expect_f}")

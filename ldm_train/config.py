@@ -91,7 +91,7 @@ def artifacts_root(cfg: DictConfig) -> Path:
 
 
 def autoencoder_dir(cfg: DictConfig) -> Path:
-    path = cfg.diffusion.get("autoencoder_path")
+    path = cfg.autoencoder.get("path")
     return Path(path).resolve() if path else artifacts_root(cfg) / "autoencoder" / f"{cfg.regularizer.name}_f{cfg.f}"
 
 

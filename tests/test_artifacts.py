@@ -188,7 +188,7 @@ def test_stage_calibrate_rewrites_the_same_scale_factor(compose_cfg, smoke_autoe
 
     original = _json(smoke_autoencoder["artifact"] / "calibration.json")
     (kl_copy / "calibration.json").unlink()
-    cfg = compose_cfg([*smoke_autoencoder["cfg_overrides"], "stage=calibrate", f"diffusion.autoencoder_path={kl_copy}"])
+    cfg = compose_cfg([*smoke_autoencoder["cfg_overrides"], "stage=calibrate", f"autoencoder.path={kl_copy}"])
     returned = run(cfg)
     rewritten = _json(kl_copy / "calibration.json")
     assert rewritten["scale_factor"] == pytest.approx(original["scale_factor"], rel=1e-6)

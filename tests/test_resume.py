@@ -88,7 +88,7 @@ def test_autoencoder_resume_continues(compose_cfg, tmp_path):
 
 
 def test_diffusion_resume_continues_with_ema(compose_cfg, smoke_autoencoder, tmp_path):
-    ae = f"diffusion.autoencoder_path={smoke_autoencoder['artifact']}"
+    ae = f"autoencoder.path={smoke_autoencoder['artifact']}"
     run(compose_cfg(smoke(tmp_path, "a1", "r1", "stage=diffusion", ae)))
     ckpt = last_ckpt(tmp_path / "r1")
     assert ckpt["global_step"] == SMOKE_DIFF_STEPS

@@ -89,12 +89,12 @@ def first_stage(smoke_autoencoder) -> FirstStage:
 
 @pytest.fixture(scope="module")
 def trained(smoke_autoencoder, tmp_path_factory) -> dict:
-    """Stage 2 trained once on a copy of the smoke autoencoder (via diffusion.autoencoder_path=)."""
+    """Stage 2 trained once on a copy of the smoke autoencoder (via autoencoder.path=)."""
     root = tmp_path_factory.mktemp("stage2")
     ae_copy = copy_autoencoder(smoke_autoencoder, root / "ae_copy")
     artifacts = root / "artifacts"
     cfg = compose_cfg(overrides(smoke_autoencoder, artifacts, "stage=diffusion",
-                                f"diffusion.autoencoder_path={ae_copy}"))
+                                f"autoencoder.path={ae_copy}"))
     modules = []
 
     class Recording(DiffusionModule):
@@ -282,7 +282,7 @@ def test_uncalibrated_autoencoder_names_calibrate(smoke_autoencoder, tmp_path):
 
 def test_context_dim_mismatch_is_config_error(smoke_autoencoder, tmp_path):
     cfg = compose_cfg(overrides(smoke_autoencoder, tmp_path, "stage=diffusion", "unet.context_dim=99",
-                                f"diffusion.autoencoder_path={smoke_autoencoder['artifact']}"))
+                                f"autoencoder.path={smoke_autoencoder['artifact']}"))
     with pytest.raises(ConfigError) as info:
         run(cfg)
     msg = str(info.value)

@@ -88,7 +88,7 @@ def build_strategy(cfg: DictConfig):
 
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
                   limit_val_batches: int | None = None, max_time: str | None = None,
-                  steps_per_batch: int = 1) -> L.Trainer:
+                  steps_per_batch: int = 1, gradient_clip_val: float | None = None) -> L.Trainer:
     """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`.
 
     `steps_per_batch`: optimizer steps per batch (2 in stage 1), so checkpoints follow `val_every` batches.
@@ -102,7 +102,8 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
         strategy=build_strategy(cfg), max_steps=max_steps, max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic, logger=build_logger(cfg, job_type), callbacks=[ckpt, *callbacks],
+        deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
+        callbacks=[ckpt, *callbacks],
         default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
     )
 

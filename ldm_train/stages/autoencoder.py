@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.artifacts import save_autoencoder
+from ldm_train.artifacts import atomic_write_text, save_autoencoder
 from ldm_train.config import artifacts_root, resolved_arch, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.lit.autoencoder import AutoencoderModule
@@ -51,6 +51,11 @@ def run(cfg: DictConfig) -> dict:
                             limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2)
     if trainer.logger:
         trainer.logger.log_hyperparams({"perceptual": perceptual, "lr_used": lr, "global_batch": gb})
+    if trainer.is_global_zero:  # the run's config with what `auto` turned into, next to Hydra's .hydra/config.yaml
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["autoencoder"]["loss"]["perceptual"]["resolved_weights"] = perceptual["weights"]
+        resolved["autoencoder"].update(lr_used=lr, global_batch=gb)
+        atomic_write_text(run_dir(cfg) / "resolved_config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     train_loader = make_loader(train_ds, ae.batch_size, True, cfg.data.num_workers, drop_last=True)
     val_loader = make_loader(val_ds, ae.batch_size, False, cfg.data.num_workers)
     start = time.time()

@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     module = DiffusionModule(unet, text_encoder, first_stage, OmegaConf.to_container(d, resolve=True),
                              cfg.data.resolution, out_dir=str(run_dir(cfg)), alignment_fn=alignment)
     trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
-                            limit_val_batches=2, max_time=d.get("max_time"))
+                            limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None)
     start = time.time()
     trainer.fit(module, make_loader(train_ds, d.batch_size, True, cfg.data.num_workers, drop_last=True),
                 make_loader(val_ds, d.batch_size, False, cfg.data.num_workers), ckpt_path=cfg.ckpt_path,
