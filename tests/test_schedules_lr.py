@@ -24,7 +24,7 @@ def test_stage1_cosine_schedule_reaches_zero_in_a_smoke_run(compose_cfg, tmp_pat
                        "autoencoder.max_steps=8", "trainer.log_every_n_steps=1",
                        f"paths.artifacts={tmp_path}/a", f"paths.run_dir={tmp_path}/r"])
     run(cfg)
-    rows = list(csv.DictReader(open(tmp_path / "r" / "csv" / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "r" / "csv" / "autoencoder" / "metrics.csv")))
     lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
     base = cfg.autoencoder.lr
     assert lrs[0] == pytest.approx(base)

@@ -59,11 +59,11 @@ def build_logger(cfg: DictConfig, job_type: str):
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir, name="csv", version="")
+        return CSVLogger(save_dir, name="csv", version=job_type)  # <run dir>/csv/<stage>/metrics.csv
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir, name="tensorboard", version="")
+        return TensorBoardLogger(save_dir, name="tensorboard", version=job_type)
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
