@@ -30,8 +30,8 @@ test: setup ## Run the test suite (CPU, tiny models)
 lint: setup ## ruff
 	$(VENV)/bin/ruff check .
 
-bench: setup ## Stage-1 benchmark (KL f=4 at 32 px for 3 minutes); prints PSNR, the LPIPS variant, step time
-	$(PY) scripts/bench_autoencoder.py --minutes 3
+bench: setup ## Stage-1 benchmark (KL f=4 32 px ≤3 min, KL f=8 64 px ≤10 min): PSNR, LPIPS variant, step time
+	$(PY) scripts/bench_autoencoder.py
 
 clean: ## Remove outputs (keeps .venv and artifacts/)
 	rm -rf outputs multirun wandb lightning_logs
