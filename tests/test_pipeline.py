@@ -1,0 +1,33 @@
+"""`stage=pipeline` on experiment=smoke: stage 1 → calibration → stage 2 → samples, one metrics.json."""
+
+import json
+
+from PIL import Image
+
+KEYS = ("recon_psnr", "caption_alignment_cfg", "caption_alignment_nocfg", "caption_alignment_null", "wall_seconds")
+
+
+def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path):
+    from ldm_train.__main__ import run
+
+    cfg = compose_cfg(["experiment=smoke", "stage=pipeline", "diffusion.eval_samples=4", "n_per_prompt=1",
+                       "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
+                       f"paths.run_dir={tmp_path}/r"])
+    out = run(cfg)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert set(KEYS) <= set(metrics) and metrics == json.loads(json.dumps(out))
+    for key in KEYS[1:4]:
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["caption_alignment_samples"] == 4
+    ae = json.loads((tmp_path / "a" / "autoencoder" / "kl_f4" / "metrics.json").read_text())
+    assert metrics["recon_psnr"] == ae["psnr"]
+    assert Image.open(metrics["grid"]).size[0] > 16
+    assert (tmp_path / "a" / "diffusion" / "kl_f4" / "model.safetensors").exists()
+
+    # a second run reuses the stage-1 artifact instead of retraining it
+    before = (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns
+    cfg2 = compose_cfg(["experiment=smoke", "stage=pipeline", "diffusion.eval_samples=0", "n_per_prompt=1",
+                        "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
+                        f"paths.run_dir={tmp_path}/r2"])
+    run(cfg2)
+    assert (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns == before
