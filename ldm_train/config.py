@@ -76,9 +76,26 @@ def validate(cfg: DictConfig) -> None:
     autoencoder_arch(cfg.f, cfg.regularizer.name)
     if cfg.stage == "autoencoder":
         resolved_arch(cfg)
-    strategy = cfg.strategy.name
-    if strategy == "fsdp" and cfg.trainer.accelerator in ("cpu",):
-        raise ConfigError("strategy=fsdp needs GPUs; on the CPU use strategy=ddp")
+    if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
+        raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
+    for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
+        devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+        if cfg.stage in (stage, "pipeline") and section.batch_size < 1:
+            raise ConfigError(f"{stage}.batch_size must be at least 1")
+        if cfg.stage in (stage, "pipeline") and devices > 1 and section.batch_size < devices:
+            raise ConfigError(f"{stage}.batch_size={section.batch_size} is the batch per device; it must be at "
+                              f"least 1 on each of the {devices} devices")
+    disc = cfg.autoencoder.loss.disc
+    if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
+        raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
+                          "or autoencoder.loss.disc.norm=group")
+
+
+def _gpu_run(cfg: DictConfig) -> bool:
+    import torch
+
+    return cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
+                                                          and torch.cuda.is_available())
 
 
 def artifacts_root(cfg: DictConfig) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 
@@ -206,3 +207,21 @@ def test_cli_invalid_f_fails_before_training(cli):
     assert out.returncode != 0
     assert f"valid downsampling factors are {VALID_LIST}" in out.stdout + out.stderr
     assert not (cwd / "artifacts").exists()
+
+
+# ------------------------------------------------------------------------------------ errors at start
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["autoencoder.batch_size=1"], "autoencoder.loss.disc.norm=group"),
+    (["strategy=fsdp", "trainer.accelerator=cpu"], "strategy=ddp"),
+    (["stage=diffusion", "trainer.devices=4", "diffusion.batch_size=2"], "each of the 4 devices"),
+])
+def test_clear_errors_at_start(compose_cfg, overrides, needle):
+    with pytest.raises(ldm_config.ConfigError, match=re.escape(needle)):
+        ldm_config.validate(compose_cfg(["experiment=smoke", *overrides]))
+
+
+def test_batch_size_one_is_fine_with_a_groupnorm_discriminator(compose_cfg):
+    ldm_config.validate(compose_cfg(["experiment=smoke", "autoencoder.batch_size=1",
+                                     "autoencoder.loss.disc.norm=group"]))
