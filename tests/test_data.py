@@ -232,3 +232,24 @@ def test_image_folder_errors(tmp_path) -> None:
     ds = ImageFolderDataset(tmp_path / "empty_dir")  # listing alone must not fail
     with pytest.raises(ValueError, match="broken.jpg"):
         ds[0]
+
+
+def test_folder_split_is_disjoint_and_val_is_not_augmented(tmp_path):
+    """data=folder: train/val split without overlap; validation images are the same on every read (no flip)."""
+    from omegaconf import OmegaConf
+
+    from ldm_train.data import build_datasets
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    cfg = OmegaConf.create({"name": "folder", "root": str(tmp_path), "resolution": 16, "random_crop": True,
+                            "flip": True, "val_fraction": 0.3, "seed": 0})
+    train, val = build_datasets(cfg)
+    assert len(train) == 7 and len(val) == 3
+    assert not set(train.indices) & set(val.indices)
+    for i in range(len(val)):
+        torch.manual_seed(i)
+        a = val[i]["image"]
+        torch.manual_seed(i + 100)
+        assert torch.equal(a, val[i]["image"])

@@ -16,10 +16,11 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     if cfg.name == "folder":
         from ldm_train.data.folder import ImageFolderDataset
 
-        full = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip)
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_val = max(1, int(len(full) * cfg.val_fraction)) if len(full) > 1 else 0
-        return Subset(full, order[n_val:]), Subset(full, order[:n_val] or order)
+        train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip)
+        val = ImageFolderDataset(cfg.root, cfg.resolution)  # no augmentation: validation must be repeatable
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = max(1, int(len(train) * cfg.val_fraction)) if len(train) > 1 else 0
+        return Subset(train, order[n_val:] or order), Subset(val, order[:n_val] or order)
     raise ValueError(f"unknown data {cfg.name!r}; valid: shapes, folder")
 
 
