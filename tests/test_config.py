@@ -225,3 +225,13 @@ def test_clear_errors_at_start(compose_cfg, overrides, needle):
 def test_batch_size_one_is_fine_with_a_groupnorm_discriminator(compose_cfg):
     ldm_config.validate(compose_cfg(["experiment=smoke", "autoencoder.batch_size=1",
                                      "autoencoder.loss.disc.norm=group"]))
+
+
+def test_quickstart_composes_and_validates(compose_cfg):
+    """`make demo`'s config: KL f=4 at 32 px, MiniLM conditioning, both stages bounded by a step budget and a cap."""
+    cfg = compose_cfg(["stage=pipeline", "experiment=quickstart"])
+    ldm_config.validate(cfg)
+    arch = ldm_config.resolved_arch(cfg)
+    assert (arch["f"], arch["regularizer"]["name"], arch["resolution"]) == (4, "kl", 32)
+    assert cfg.text_encoder.name == "minilm" and cfg.unet.context_dim == 384
+    assert cfg.autoencoder.max_time and cfg.diffusion.max_time and cfg.diffusion.eval_samples > 0
