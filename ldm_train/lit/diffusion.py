@@ -44,15 +44,21 @@ class DiffusionModule(L.LightningModule):
         self.alignment_fn = alignment_fn
         self.schedule = NoiseSchedule.from_name(cfg["schedule"], cfg["num_timesteps"], beta_start=cfg["beta_start"],
                                                 beta_end=cfg["beta_end"])
+        parts = {"unet": unet}
+        if getattr(text_encoder, "trainable", False):
+            parts["text_encoder"] = text_encoder
+        self._trainable = [nn.ModuleDict(parts)]  # in a list: the same modules, not registered a second time
         self.ema = EMA(self.trainable(), max_decay=cfg["ema_decay"])
         self.force_drop: torch.Tensor | None = None  # tests set this to force CFG dropout
 
     def trainable(self) -> nn.ModuleDict:
         """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly."""
-        parts = {"unet": self.unet}
-        if getattr(self.text_encoder, "trainable", False):
-            parts["text_encoder"] = self.text_encoder
-        return nn.ModuleDict(parts)
+        return self._trainable[0]
+
+    def ema_models(self) -> tuple[nn.Module, nn.Module]:
+        """(EMA U-Net, text encoder to sample with: its EMA copy when it trains jointly, else the frozen one)."""
+        ema = self.ema.module
+        return ema["unet"], ema["text_encoder"] if "text_encoder" in ema else self.text_encoder
 
     def diffusion_loss(self, z0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """MSE between the U-Net output and the ε (or v) target at uniform t, optionally min-SNR-γ weighted."""
@@ -99,9 +105,8 @@ class DiffusionModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         c = self.cfg
         prompts = [p for p in c["val_prompts"] for _ in range(c["val_n_per_prompt"])]
-        ema = self.ema.module
-        images = generate(ema["unet"], ema["text_encoder"] if "text_encoder" in ema else self.text_encoder,
-                          self.first_stage, self.schedule, prompts, resolution=self.resolution,
+        unet, text = self.ema_models()
+        images = generate(unet, text, self.first_stage, self.schedule, prompts, resolution=self.resolution,
                           prediction_type=c["prediction_type"], guidance_scale=c["val_guidance_scale"],
                           sampler=c["val_sampler"], steps=c["val_steps"], seed=0)
         if self.alignment_fn is not None:

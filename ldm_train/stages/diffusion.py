@@ -72,14 +72,12 @@ def run(cfg: DictConfig) -> dict:
     metrics = {"train_seconds": train_seconds, "steps": trainer.global_step,
                **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
 
-    ema = module.ema.module
+    ema_unet, ema_text = module.ema_models()
     if d.eval_samples and cfg.data.name == "shapes":
         from ldm_train.evaluation.alignment import alignment_scores
 
-        text = ema["text_encoder"] if "text_encoder" in ema else text_encoder
-
         def gen(prompts, scale, seed):
-            return generate(ema["unet"], text, first_stage, module.schedule, prompts, resolution=cfg.data.resolution,
+            return generate(ema_unet, ema_text, first_stage, module.schedule, prompts, resolution=cfg.data.resolution,
                             prediction_type=d.prediction_type, guidance_scale=scale, sampler=d.sampler,
                             steps=d.steps, seed=seed)
 
@@ -88,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
                  metrics["caption_alignment_nocfg"], metrics["caption_alignment_null"])
     target = diffusion_dir(cfg)
     if trainer.is_global_zero:
-        save_diffusion(target, ema["unet"], ema["text_encoder"] if "text_encoder" in ema else None,
+        save_diffusion(target, ema_unet, ema_text if text_encoder.trainable else None,
                        diffusion_config(cfg, first_stage), first_stage.path, metrics)
         log.info("wrote diffusion artifact %s", target)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
