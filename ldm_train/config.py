@@ -98,6 +98,10 @@ def _validate_distribution(cfg: DictConfig) -> None:
     if cfg.strategy.name == "auto" and (devices > 1 or t.num_nodes > 1):
         raise ConfigError(f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes} needs strategy=ddp "
                           "(or strategy=fsdp on GPUs)")
+    if cfg.strategy.name == "fsdp" and (devices != 1 or t.num_nodes > 1):
+        # with more than one shard, the EMA update and the artifact export would see only this rank's shard
+        raise ConfigError("strategy=fsdp is supported on one GPU only (trainer.devices=1, trainer.num_nodes=1): "
+                          "the EMA and the artifact export do not gather sharded weights yet; use strategy=ddp")
     if trains_stage1 and t.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError("stage 1 steps both optimizers on every batch and cannot accumulate gradients: set "
                           "trainer.accumulate_grad_batches=1 and raise autoencoder.batch_size or trainer.devices")

@@ -107,6 +107,7 @@ def test_sync_batchnorm_option_reaches_the_trainer(compose_cfg, tmp_path):
     (["stage=autoencoder", "strategy=ddp", "trainer.accumulate_grad_batches=2"], "cannot accumulate"),
     (["trainer.devices=2"], "needs strategy=ddp"),
     (["trainer.num_nodes=2"], "needs strategy=ddp"),
+    (["strategy=fsdp", "trainer.accelerator=gpu", "trainer.devices=2"], "one GPU only"),
 ])
 def test_distribution_errors_name_the_fix(compose_cfg, overrides, needle):
     with pytest.raises(ldm_config.ConfigError, match=re.escape(needle)):
