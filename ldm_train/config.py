@@ -95,7 +95,7 @@ def validate(cfg: DictConfig) -> None:
 def _validate_distribution(cfg: DictConfig) -> None:
     t, trains_stage1 = cfg.trainer, cfg.stage in ("autoencoder", "pipeline")
     devices = t.devices if isinstance(t.devices, int) else len(t.devices) if not isinstance(t.devices, str) else 1
-    if cfg.strategy.name == "auto" and (devices > 1 or t.num_nodes > 1):
+    if cfg.strategy.name == "auto" and (devices != 1 or t.num_nodes > 1):  # -1: all devices
         raise ConfigError(f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes} needs strategy=ddp "
                           "(or strategy=fsdp on GPUs)")
     if cfg.strategy.name == "fsdp" and (devices != 1 or t.num_nodes > 1):
