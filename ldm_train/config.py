@@ -85,10 +85,29 @@ def validate(cfg: DictConfig) -> None:
         if cfg.stage in (stage, "pipeline") and devices > 1 and section.batch_size < devices:
             raise ConfigError(f"{stage}.batch_size={section.batch_size} is the batch per device; it must be at "
                               f"least 1 on each of the {devices} devices")
+    _validate_distribution(cfg)
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
                           "or autoencoder.loss.disc.norm=group")
+
+
+def _validate_distribution(cfg: DictConfig) -> None:
+    t, trains_stage1 = cfg.trainer, cfg.stage in ("autoencoder", "pipeline")
+    devices = t.devices if isinstance(t.devices, int) else len(t.devices) if not isinstance(t.devices, str) else 1
+    if cfg.strategy.name == "auto" and (devices != 1 or t.num_nodes > 1):  # -1: all devices
+        raise ConfigError(f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes} needs strategy=ddp "
+                          "(or strategy=fsdp on GPUs)")
+    if cfg.strategy.name == "fsdp" and (devices != 1 or t.num_nodes > 1):
+        # with more than one shard, the EMA update and the artifact export would see only this rank's shard
+        raise ConfigError("strategy=fsdp is supported on one GPU only (trainer.devices=1, trainer.num_nodes=1): "
+                          "the EMA and the artifact export do not gather sharded weights yet; use strategy=ddp")
+    if trains_stage1 and t.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError("stage 1 steps both optimizers on every batch and cannot accumulate gradients: set "
+                          "trainer.accumulate_grad_batches=1 and raise autoencoder.batch_size or trainer.devices")
+    if trains_stage1 and cfg.autoencoder.loss.disc.get("sync_batchnorm") and not _gpu_run(cfg):
+        raise ConfigError("autoencoder.loss.disc.sync_batchnorm needs GPUs (torch's SyncBatchNorm refuses CPU "
+                          "tensors); set it to false, or use autoencoder.loss.disc.norm=group")
 
 
 def _gpu_run(cfg: DictConfig) -> bool:

@@ -12,6 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 from ldm_train.models.autoencoder import Autoencoder
+from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class AutoencoderModule(L.LightningModule):
         self.autoencoder = Autoencoder(arch)
         reduction = "sum" if arch["regularizer"]["name"] == "kl" else "mean"
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
+        disc.pop("sync_batchnorm", None)  # applied by the Trainer (SyncBatchNorm conversion), not a layer option
         self.loss = AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, perceptual=loss["perceptual"],
                                     disc=disc, disc_start=loss["disc_start"], disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
@@ -68,8 +70,13 @@ class AutoencoderModule(L.LightningModule):
         for sched in scheds if isinstance(scheds, list) else [scheds] if scheds else []:
             sched.step()
         logs.update(d_logs)
+        logs = mean_logs_over_ranks(logs, x.device)  # the global batch's values, not rank 0's share
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(x))
         self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(x))
+
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:  # own posterior samples per rank; weights stay identical (DDP broadcast)
+            seed_per_rank(self.global_step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]

@@ -14,6 +14,7 @@ from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
 from ldm_train.first_stage import FirstStage
 from ldm_train.sampling import generate
+from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
 
 
@@ -82,9 +83,14 @@ class DiffusionModule(L.LightningModule):
         z0 = self.first_stage.encode(batch["image"])  # scaled latents (B, C, h, w)
         drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
         loss = self.diffusion_loss(z0, self.condition(batch, drop))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(z0))
-        self.log("train/cfg_drop_fraction", drop.float().mean(), batch_size=len(z0))
+        logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
+        self.log("train/loss", logs["loss"], prog_bar=True, batch_size=len(z0))  # over the global batch
+        self.log("train/cfg_drop_fraction", logs["cfg_drop_fraction"], batch_size=len(z0))
         return loss
+
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:  # own noise, t and CFG dropout per rank; init stays identical
+            seed_per_rank(self.global_step)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -77,21 +77,40 @@ def build_logger(cfg: DictConfig, job_type: str):
     raise ConfigError(f"unknown logger {name!r}; valid: wandb, csv, tensorboard, none")
 
 
-def build_strategy(cfg: DictConfig):
+def build_strategy(cfg: DictConfig, find_unused_parameters: bool = False):
+    """`strategy` group → Lightning strategy. `find_unused_parameters`: a stage whose backward passes each use only
+    part of the parameters (stage 1: generator, then discriminator) needs DDP to look for the unused ones."""
     s = cfg.strategy
     if s.name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=s.get("find_unused_parameters", False))
+        return DDPStrategy(find_unused_parameters=find_unused_parameters or s.get("find_unused_parameters", False),
+                           broadcast_buffers=s.get("broadcast_buffers", False))
+    if s.name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(sharding_strategy=s.get("sharding_strategy", "FULL_SHARD"))
     return s.name
+
+
+def global_batch(trainer: L.Trainer, batch_size: int, stage: str) -> int:
+    """Images per optimizer step = batch per device × devices × nodes × accumulation; logged at the start."""
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    accumulate = trainer.accumulate_grad_batches
+    total = batch_size * devices * nodes * accumulate
+    log.info("%s: global batch %d = %d per device × %d device(s) × %d node(s) × %d accumulation", stage, total,
+             batch_size, devices, nodes, accumulate)
+    return total
 
 
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
                   limit_val_batches: int | None = None, max_time: str | None = None,
-                  steps_per_batch: int = 1, gradient_clip_val: float | None = None) -> L.Trainer:
+                  steps_per_batch: int = 1, gradient_clip_val: float | None = None,
+                  find_unused_parameters: bool = False, sync_batchnorm: bool = False) -> L.Trainer:
     """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`.
 
     `steps_per_batch`: optimizer steps per batch (2 in stage 1), so checkpoints follow `val_every` batches.
+    `sync_batchnorm`: Lightning converts every BatchNorm to SyncBatchNorm (GPU only; stage 1's discriminator).
     """
     quiet_lightning()
     t = cfg.trainer
@@ -99,7 +118,9 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-        strategy=build_strategy(cfg), max_steps=max_steps, max_time=max_time or t.max_time,
+        strategy=build_strategy(cfg, find_unused_parameters), sync_batchnorm=sync_batchnorm,
+        accumulate_grad_batches=t.get("accumulate_grad_batches", 1), max_steps=max_steps,
+        max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),

@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.artifacts import save_diffusion
 from ldm_train.config import ConfigError, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
+from ldm_train.data.distributed import trainer_loaders
 from ldm_train.first_stage import FirstStage
 from ldm_train.lit.diffusion import DiffusionModule
-from ldm_train.lit.trainer import build_trainer, save_final_checkpoint
+from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.models.text import build_text_encoder
 from ldm_train.models.unet import UNet
 from ldm_train.sampling import generate
@@ -63,10 +64,10 @@ def run(cfg: DictConfig) -> dict:
                              cfg.data.resolution, out_dir=str(run_dir(cfg)), alignment_fn=alignment)
     trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
                             limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None)
+    global_batch(trainer, d.batch_size, "stage 2")
+    train_loader, val_loader = trainer_loaders(trainer, train_ds, val_ds, d.batch_size, cfg.seed, cfg.data.num_workers)
     start = time.time()
-    trainer.fit(module, make_loader(train_ds, d.batch_size, True, cfg.data.num_workers, drop_last=True),
-                make_loader(val_ds, d.batch_size, False, cfg.data.num_workers), ckpt_path=cfg.ckpt_path,
-                weights_only=True)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path, weights_only=True)
     train_seconds = time.time() - start
     save_final_checkpoint(trainer, cfg)
     metrics = {"train_seconds": train_seconds, "steps": trainer.global_step,

@@ -13,6 +13,7 @@ from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
 from ldm_train.stages import autoencoder as stage1
 from ldm_train.stages import diffusion as stage2
 from ldm_train.stages import sample as sample_stage
+from ldm_train.utils.distributed import rank
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def run(cfg: DictConfig) -> dict:
         log.info("== stage 1: reusing %s ==", autoencoder_dir(cfg))
     log.info("== stage 2: latent diffusion ==")
     d_metrics = stage2.run(cfg)
+    if rank() != 0:  # under DDP the other ranks stop here: samples, grid and metrics.json are written once
+        return d_metrics
     log.info("== samples ==")
     with open_dict(cfg):
         cfg.out_dir = str(run_dir(cfg) / "samples")
