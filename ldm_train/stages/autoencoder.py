@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.artifacts import atomic_write_text, save_autoencoder
 from ldm_train.config import artifacts_root, resolved_arch, run_dir
 from ldm_train.data import build_datasets, make_loader
+from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
 from ldm_train.lit.trainer import build_trainer, save_final_checkpoint
 from ldm_train.stages.calibrate import calibrate_module
@@ -48,7 +49,8 @@ def run(cfg: DictConfig) -> dict:
 
     val_every = min(ae.val_every, ae.max_steps)
     trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
-                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2)
+                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2,
+                            callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))])
     if trainer.logger:
         trainer.logger.log_hyperparams({"perceptual": perceptual, "lr_used": lr, "global_batch": gb})
     if trainer.is_global_zero:  # the run's config with what `auto` turned into, next to Hydra's .hydra/config.yaml

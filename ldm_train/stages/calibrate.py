@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ldm_train.artifacts import atomic_write_json, load_autoencoder
@@ -22,7 +22,9 @@ def calibrate_module(model: torch.nn.Module, dataset, cfg: DictConfig, trainer=N
     """Calibrate on up to `calibration.num_samples` images of `dataset`, split across ranks when distributed."""
     c = cfg.autoencoder.calibration
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    sampler = DistributedSampler(dataset, shuffle=False) if world > 1 else None
+    # shard streams split themselves over ranks; map-style datasets need a sampler for that
+    split = world > 1 and not isinstance(dataset, IterableDataset)
+    sampler = DistributedSampler(dataset, shuffle=False) if split else None
     loader = DataLoader(dataset, batch_size=c.batch_size, sampler=sampler, shuffle=False)
     device = next(model.parameters()).device
     was_training = model.training
