@@ -103,6 +103,8 @@ def open_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, count
         raise SkipSample("empty_file")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow's own limit (2 × MAX_IMAGE_PIXELS), checked on open
+        raise SkipSample("too_many_pixels", str(err)) from err
     except (UnidentifiedImageError, OSError) as err:
         raise SkipSample("not_an_image", str(err)) from err
     # The header alone gives the size: refuse before decoding a single pixel of a bomb.

@@ -122,12 +122,13 @@ class ShardStream(IterableDataset):
         _, world, _, _ = reader_info()
         return self.per_reader(world, self.num_workers) * max(1, self.num_workers)
 
-    def _pipeline(self, epoch: int) -> wds.DataPipeline:
+    def _pipeline(self, epoch: int, reader: int) -> wds.DataPipeline:
         seed = self.seed * 1_000_003 + epoch if self.shardshuffle else None  # same shard order on every rank
         stages = [wds.SimpleShardList(self.urls, seed=seed), wds.split_by_node, wds.split_by_worker,
                   wds.tarfile_to_samples(handler=self._tar_error)]
-        if self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer)))
+        if self.shuffle_buffer > 1:  # a seeded buffer per reader and epoch: runs repeat exactly
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
+                                      seed=hash((self.seed, epoch, reader))))
         return wds.DataPipeline(*stages)
 
     def _tar_error(self, exn: Exception) -> bool:
@@ -135,8 +136,8 @@ class ShardStream(IterableDataset):
         warnings.warn(f"skipping unreadable shard data: {exn}", stacklevel=2)
         return True  # keep going with the next member / shard
 
-    def _decoded(self, epoch: int) -> Iterator[dict]:
-        for sample in self._pipeline(epoch):
+    def _decoded(self, epoch: int, reader: int) -> Iterator[dict]:
+        for sample in self._pipeline(epoch, reader):
             try:
                 item = self.decode(sample, self._counts)
             except SkipSample as err:
@@ -156,7 +157,7 @@ class ShardStream(IterableDataset):
         def forever() -> Iterator[dict]:
             while True:  # a reader whose shards run out starts them again (equal samples on every reader)
                 got = 0
-                for item in self._decoded(epoch):
+                for item in self._decoded(epoch, rank * max(1, workers) + worker):
                     got += 1
                     yield item
                 if got == 0:
