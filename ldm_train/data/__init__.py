@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -55,6 +57,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
                 drop_last: bool = False) -> DataLoader:
     if isinstance(dataset, IterableDataset):  # shard streams shuffle and split themselves
         dataset.num_workers = num_workers
+        # Lightning warns that an IterableDataset's __len__ may be wrong with workers; a stream's is exact per rank
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         return EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
                            persistent_workers=num_workers > 0, pin_memory=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,

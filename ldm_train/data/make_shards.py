@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         shards = sorted(args.out.glob(f"{split}-*.tar"))
         key = "data.urls" if split == "train" else "data.val_urls"
         pattern = f"{args.out.resolve()}/{split}-{{000000..{len(shards) - 1:06d}}}.tar"
-        print(f"  {len(shards)} {split} shard(s): {key}='{pattern}'")
+        print(f"  {len(shards)} {split} shard(s): '{key}=\"{pattern}\"'")  # Hydra needs braces quoted
     return {"written": written, "bad": summary}
 
 

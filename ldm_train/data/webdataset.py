@@ -47,10 +47,16 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
+def local_path(url: str) -> Path | None:
+    """The file of a local shard URL; None for `pipe:` and remote URLs."""
+    path = url.removeprefix("file:")
+    return None if ":" in path.split("/")[0] else Path(path)
+
+
 def count_samples(url: str) -> int | None:
     """Samples (distinct keys) in a local tar shard, from its headers; None for `pipe:` and remote URLs."""
-    path = url.removeprefix("file:")
-    if ":" in path.split("/")[0] or not Path(path).is_file():
+    path = local_path(url)
+    if path is None:
         return None
     with tarfile.open(path) as tar:
         keys = {wds.tariterators.base_plus_ext(m.name)[0] for m in tar if m.isreg()}
@@ -70,6 +76,10 @@ class ShardStream(IterableDataset):
                  seed: int = 0):
         super().__init__()
         self.urls = expand_urls(urls)
+        missing = [u for u in self.urls if (p := local_path(u)) is not None and not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shards in {urls!r} do not exist (first: "
+                                    f"{missing[0]}); check data.urls / data.val_urls")
         self.decode = decode
         self.shardshuffle, self.shuffle_buffer, self.seed = bool(shardshuffle), int(shuffle_buffer), int(seed)
         self.shard_sizes = None

@@ -84,10 +84,10 @@ class DiffusionModule(L.LightningModule):
 
     def condition(self, batch: dict, drop: torch.Tensor | None) -> torch.Tensor:
         if "context" in batch:  # cached embeddings of the frozen text encoder; dropped rows get its null context
-            ctx = batch["context"].to(self.dtype)  # (B, L, dim)
+            ctx = batch["context"]  # (B, L, dim)
             if drop is None:
                 return ctx
-            return torch.where(drop.view(-1, 1, 1), self.text_encoder.null(len(ctx)).to(ctx), ctx)
+            return torch.where(drop.to(ctx.device).view(-1, 1, 1), self.text_encoder.null(len(ctx)).to(ctx), ctx)
         return self.text_encoder(list(batch["caption"]), labels=batch.get("label"), drop=drop)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
