@@ -105,5 +105,6 @@ def run(cfg: DictConfig) -> dict:
     n_train, n_val = (len(list(out.glob(f"{s}-*.tar"))) for s in ("train", "val"))
     log.info("wrote latent cache %s; train stage 2 on it with:\n  python -m ldm_train stage=diffusion f=%s "
              "regularizer=%s data=latents 'data.urls=\"%s/train-{000000..%06d}.tar\"' "
-             "'data.val_urls=\"%s/val-{000000..%06d}.tar\"'", out, cfg.f, cfg.regularizer.name, out, n_train - 1, out, n_val - 1)
+             "'data.val_urls=\"%s/val-{000000..%06d}.tar\"'", out, cfg.f, cfg.regularizer.name, out, n_train - 1,
+             out, n_val - 1)
     return {"out": str(out), "train": counts["train"], "val": counts["val"]}
