@@ -169,3 +169,19 @@ def test_make_shards_folder_and_shapes(tmp_path, capsys):
         assert it["caption"] == ref[i]["caption"] and it["label"] == ref[i]["label"]
         assert torch.allclose(it["image"], ref[i]["image"], atol=1 / 127.5 + 1e-6)  # PNG is lossless up to rounding
     assert len(list(val)) == 2
+
+
+def test_stage1_trains_and_calibrates_on_shards(tmp_path):
+    """experiment=smoke stage=autoencoder with data=webdataset: training, validation and calibration read shards."""
+    from ldm_train.__main__ import run
+    from ldm_train.data.make_shards import main as make_shards
+    from tests.conftest import compose_cfg, smoke_overrides
+
+    make_shards(["--shapes", "64", "--val", "16", "--resolution", "16", "--out", str(tmp_path / "sh"),
+                 "--shard-size", "16"])
+    metrics = run(compose_cfg([*smoke_overrides(tmp_path), "data=webdataset", "data.resolution=16",
+                               f"data.urls='{tmp_path}/sh/train-{{000000..000003}}.tar'",
+                               f"data.val_urls={tmp_path}/sh/val-000000.tar", "data.num_workers=0",
+                               "autoencoder.max_steps=4", "autoencoder.val_every=2"]))
+    assert metrics["steps"] == 4 and metrics["scale_factor"] > 0
+    assert (tmp_path / "artifacts" / "autoencoder" / "kl_f4" / "calibration.json").is_file()
