@@ -180,3 +180,21 @@ def test_data_health_logs_per_epoch_and_stops(caplog):
     cb.on_train_batch_end(trainer, None, None, bad, 0)
     with pytest.raises(SkipFractionError, match="epoch 3 so far"):  # checked mid-epoch after check_every batches
         cb.on_train_batch_end(trainer, None, None, bad, 1)
+
+
+def test_training_stops_when_too_much_is_unreadable(tmp_path):
+    """The stage wires DataHealth in: a folder with a third of its files broken stops stage 1 with the counts."""
+    from ldm_train.__main__ import run
+    from tests.conftest import compose_cfg, smoke_overrides
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(30):
+        if i % 3:
+            Image.fromarray(np.full((20, 20, 3), 8 * i, np.uint8)).save(root / f"img{i:02d}.png")
+        else:
+            (root / f"img{i:02d}.png").write_bytes(b"")
+    cfg = compose_cfg([*smoke_overrides(tmp_path), "data=folder", f"data.root={root}", "data.resolution=16",
+                       "data.num_workers=0", "autoencoder.max_steps=8", "autoencoder.val_every=8"])
+    with pytest.raises(SkipFractionError, match=r"data.max_skip_fraction=0.05.*empty_file"):
+        run(cfg)
