@@ -185,3 +185,35 @@ def test_stage1_trains_and_calibrates_on_shards(tmp_path):
                                "autoencoder.max_steps=4", "autoencoder.val_every=2"]))
     assert metrics["steps"] == 4 and metrics["scale_factor"] > 0
     assert (tmp_path / "artifacts" / "autoencoder" / "kl_f4" / "calibration.json").is_file()
+
+
+def _ddp_reader(rank: int, world: int, urls: str, init_file: str, out_dir: str) -> None:
+    """One gloo rank (no RANK/WORLD_SIZE in the environment) reading an epoch with 2 spawn-started workers."""
+    import os
+
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        stream = ShardStream(urls, ImageSampleDecoder(8), shuffle_buffer=4)
+        loader = make_loader(stream, 2, True, num_workers=2)
+        loader.multiprocessing_context = "spawn"  # workers that do not inherit the process group
+        batches = [list(b["key"]) for b in loader]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(batches))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_spawned_workers_read_each_sample_once(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    urls = write_shards(tmp_path / "shards", [3] * 8)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mp.spawn(_ddp_reader, args=(2, urls, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    batches = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) == 6  # 2 workers × 6 samples / batch 2, on both ranks
+    keys = [k for rank in batches for b in rank for k in b]
+    assert sorted(keys) == [f"s{n:05d}" for n in range(24)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -50,7 +51,17 @@ class EpochLoader(DataLoader):
     def __iter__(self):
         self.epoch += 1
         self.dataset.set_epoch(self.epoch)
+        share_rank_with_workers()
         return super().__iter__()
+
+
+def share_rank_with_workers() -> None:
+    """Export RANK/WORLD_SIZE when torch.distributed runs without them (e.g. Lightning's own launcher), so
+    webdataset's split_by_node sees the rank inside DataLoader workers too, whatever their start method."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(dist.get_rank()), str(dist.get_world_size())
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
