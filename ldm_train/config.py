@@ -10,7 +10,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
-STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "pipeline")
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "pipeline", "cache_latents")
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage not in STAGES:
         raise ConfigError(f"unknown stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
     autoencoder_arch(cfg.f, cfg.regularizer.name)
+    if cfg.data.name == "latents" and cfg.stage not in ("diffusion", "sample"):
+        raise ConfigError(f"data=latents (a latent cache) only feeds stage=diffusion; stage={cfg.stage} needs images: "
+                          "choose data=shapes, folder or webdataset")
     if cfg.stage == "autoencoder":
         resolved_arch(cfg)
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):

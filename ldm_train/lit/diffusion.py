@@ -76,11 +76,23 @@ class DiffusionModule(L.LightningModule):
             mse = mse * self.schedule.min_snr_weight(t, c["min_snr_gamma"], c["prediction_type"]).to(mse)
         return mse.mean()
 
+    @staticmethod
+    def batch_latents(first_stage: FirstStage, batch: dict, sample: bool | None = None) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) of a batch of images, or of cached raw latents (data=latents)."""
+        if "latent" in batch:
+            return first_stage.from_cache(batch["latent"], batch.get("latent_std"), sample)
+        return first_stage.encode(batch["image"], sample)
+
     def condition(self, batch: dict, drop: torch.Tensor | None) -> torch.Tensor:
+        if "context" in batch:  # cached embeddings of the frozen text encoder; dropped rows get its null context
+            ctx = batch["context"]  # (B, L, dim)
+            if drop is None:
+                return ctx
+            return torch.where(drop.to(ctx.device).view(-1, 1, 1), self.text_encoder.null(len(ctx)).to(ctx), ctx)
         return self.text_encoder(list(batch["caption"]), labels=batch.get("label"), drop=drop)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        z0 = self.first_stage.encode(batch["image"])  # scaled latents (B, C, h, w)
+        z0 = self.batch_latents(self.first_stage, batch)  # scaled latents (B, C, h, w)
         drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
         loss = self.diffusion_loss(z0, self.condition(batch, drop))
         logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
@@ -101,7 +113,7 @@ class DiffusionModule(L.LightningModule):
             self.log("train/ema_decay", decay, batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z0 = self.first_stage.encode(batch["image"], sample=False)
+        z0 = self.batch_latents(self.first_stage, batch, sample=False)
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))

@@ -14,6 +14,7 @@ from ldm_train.artifacts import atomic_write_text, save_autoencoder
 from ldm_train.config import artifacts_root, resolved_arch, run_dir
 from ldm_train.data import build_datasets
 from ldm_train.data.distributed import trainer_loaders
+from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.stages.calibrate import calibrate_module
@@ -31,6 +32,7 @@ def run(cfg: DictConfig) -> dict:
     # their own part of the module; SyncBatchNorm only where the discriminator has BatchNorm to convert
     trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
                             limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2,
+                            callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))],
                             find_unused_parameters=True,
                             sync_batchnorm=bool(ae.loss.disc.get("sync_batchnorm")) and ae.loss.disc.norm == "batch")
     gb = global_batch(trainer, ae.batch_size, "stage 1")

@@ -6,7 +6,7 @@ import logging
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ldm_train.artifacts import atomic_write_json, load_autoencoder
 from ldm_train.calibration import calibrate, format_report
@@ -24,13 +24,17 @@ def calibrate_module(model: torch.nn.Module, dataset, cfg: DictConfig, trainer=N
     so the result is the 1-process value on exactly the same images, on every rank.
     """
     c = cfg.autoencoder.calibration
-    n = min(c.num_samples, len(dataset))
-    shard = Subset(dataset, range(rank(), n, world_size()))
-    loader = DataLoader(shard, batch_size=c.batch_size, shuffle=False)
+    if isinstance(dataset, IterableDataset):  # shard streams split themselves over ranks
+        n = min(c.num_samples, len(dataset)) // world_size()
+        loader = DataLoader(dataset, batch_size=c.batch_size)
+    else:
+        n = len(range(rank(), min(c.num_samples, len(dataset)), world_size()))
+        loader = DataLoader(Subset(dataset, range(rank(), min(c.num_samples, len(dataset)), world_size())),
+                            batch_size=c.batch_size, shuffle=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cal = calibrate(model, loader, len(shard), device)
+    cal = calibrate(model, loader, n, device)
     model.train(was_training)
     log.info(format_report(cal))
     return cal
