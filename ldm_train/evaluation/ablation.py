@@ -59,17 +59,17 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]], dict[str, dict]
     for title, keys, prefix in COLUMNS:
         found = [pick(r["metrics"], keys, prefix) for r in rows]
         used = sorted({k for k, _ in filter(None, found)})
-        header.append(f"{title} [{' / '.join(used)}]" if used else title)
+        named = f"{title} [{' / '.join(used)}]" if used and (prefix or len(keys) > 1) else title
+        header.append(named)
         for cell, hit, r in zip(cells, found, rows):
             cell.append("—" if hit is None else f"{hit[1]:.4g}" + (f" ({hit[0]})" if len(used) > 1 else ""))
             if hit is not None:
-                series.setdefault(f"{title} [{' / '.join(used)}]", {}).setdefault(r["regularizer"], []).append(
-                    (r["f"], hit[1]))
+                series.setdefault(named, {}).setdefault(r["regularizer"], []).append((r["f"], hit[1]))
     for title, key in TIMES:
         header.append(title)
         for cell, r in zip(cells, rows):
             value = r["metrics"].get(key)
-            cell.append("—" if value is None else f"{value:.4g}")
+            cell.append("—" if value is None else f"{value:.0f}")
             if value is not None:
                 series.setdefault(title, {}).setdefault(r["regularizer"], []).append((r["f"], float(value)))
     header.append("job")
