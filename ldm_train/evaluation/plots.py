@@ -45,7 +45,7 @@ def plot_series(title: str, series: dict[str, list[tuple[int, float]]], path: Pa
             draw.line(px, fill=color, width=2)
         for x, y in px:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((w - right - 60, top + 12 * i), name, fill=color)
+        draw.text((w - right - 40 * (i + 1), 8), name, fill=color)  # legend in the title line, clear of the data
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return Path(path)
