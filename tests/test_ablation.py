@@ -35,7 +35,7 @@ def test_report_rows_columns_and_names(tmp_path):
     header, cells, series = table(rows)
     assert "generation FID variant [fd_shapes]" in header and "LPIPS variant [recon_lpips_randalex]" in header
     assert not any("[fid]" in h or "[recon_lpips]" in h for h in header)
-    col = header.index("recon PSNR (dB)")
+    col = header.index("recon PSNR (dB) [recon_psnr]")
     assert [c[col] for c in cells] == ["33", "28.5"] and cells[0][header.index("rFID variant")] == "—"
     assert series["stage-2 ms/step"] == {"kl": [(4, 300.0), (8, 120.0)]}
 
@@ -83,3 +83,27 @@ def test_multirun_pipeline_writes_ablation_report(tmp_path, shapes_features):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (sweep / "ablation.md").read_text() == text
+
+
+def test_wandb_runs_named_grouped_and_summarised(compose_cfg, tmp_path, monkeypatch):
+    import wandb
+
+    from ldm_train.lit.trainer import build_logger, finish_logger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(["experiment=smoke", "logger=wandb", "logger.mode=offline", "logger.group=sweep_x", "f=8",
+                       f"paths.run_dir={tmp_path}"])
+    logger = build_logger(cfg, "evaluate")
+    run = logger.experiment
+    assert (run.name, run.group, run.job_type) == ("kl_f8-evaluate", "sweep_x", "evaluate")
+    assert run.config["f"] == 8 and run.config["regularizer"]["name"] == "kl"
+    seen, real_finish = {}, wandb.finish
+
+    def finish(*args, **kwargs):  # look at the summary just before the run closes
+        seen.update(dict(wandb.run.summary))
+        real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", finish)
+    finish_logger({"recon_psnr": 30.5, "nested": {"skipped": 1}})
+    assert wandb.run is None  # closed: the next stage of a pipeline opens its own run
+    assert seen["recon_psnr"] == 30.5 and "nested" not in seen

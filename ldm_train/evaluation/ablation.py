@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 
 # (column title, exact keys in order of preference, prefix of the variants): a cell shows the first key a job has,
 # and the header names the keys found, so a random-feature variant never borrows the published metric's name.
-COLUMNS = [("recon PSNR (dB)", ["recon_psnr"], None), ("recon SSIM", ["recon_ssim"], None),
-           ("LPIPS variant", ["recon_lpips"], "recon_lpips_"), ("rFID variant", ["rfid"], "rfd_"),
-           ("generation FID variant", ["fid"], "fd_"),
+COLUMNS = [("recon PSNR (dB)", ["recon_psnr", "psnr"], None), ("recon SSIM", ["recon_ssim", "ssim"], None),
+           ("LPIPS variant", ["recon_lpips", "lpips"], ("recon_lpips_", "lpips_")),
+           ("rFID variant", ["rfid"], ("rfd_",)), ("generation FID variant", ["fid"], ("fd_",)),
            ("caption alignment", ["caption_alignment", "caption_alignment_cfg"], None)]
 TIMES = [("stage-1 train (s)", "autoencoder_train_seconds"), ("stage-1 ms/step", "autoencoder_ms_per_step"),
          ("stage-2 train (s)", "diffusion_train_seconds"), ("stage-2 ms/step", "diffusion_ms_per_step")]
@@ -36,15 +36,18 @@ def collect(sweep: Path) -> tuple[list[dict], list[str]]:
             continue
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         metrics = json.loads((job / "metrics.json").read_text())
+        if cfg.stage in ("autoencoder", "diffusion") and metrics.get("steps"):  # a single-stage sweep
+            metrics.setdefault(f"{cfg.stage}_train_seconds", metrics.get("train_seconds"))
+            metrics.setdefault(f"{cfg.stage}_ms_per_step", 1000 * metrics.get("train_seconds", 0) / metrics["steps"])
         rows.append({"job": job.name, "f": int(cfg.f), "regularizer": str(cfg.regularizer.name),
                      "stage": str(cfg.stage), "logger": OmegaConf.to_container(cfg.logger), "metrics": metrics})
     rows.sort(key=lambda r: (r["regularizer"], r["f"]))
     return rows, skipped
 
 
-def pick(metrics: dict, keys: list[str], prefix: str | None) -> tuple[str, float] | None:
-    """(key, value) of the first of `keys` present, else of the first key starting with `prefix`."""
-    candidates = keys + sorted(k for k in metrics if prefix and k.startswith(prefix))
+def pick(metrics: dict, keys: list[str], prefixes: tuple[str, ...] | None) -> tuple[str, float] | None:
+    """(key, value) of the first of `keys` present, else of the first key starting with one of `prefixes`."""
+    candidates = keys + sorted(k for k in metrics if prefixes and k.startswith(prefixes))
     for key in candidates:
         if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool):
             return key, float(metrics[key])
