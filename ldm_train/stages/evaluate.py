@@ -137,6 +137,10 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
 
 
 def run(cfg: DictConfig) -> dict:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # after a multi-device pipeline: one process evaluates, on the full sets
+        return {}
     todo = targets(cfg)
     features = feature_network(cfg)
     info = {"features": features.name if features else "none"}
