@@ -1,4 +1,4 @@
-"""`python -m ldm_train stage=<autoencoder|calibrate|diffusion|sample> f=<f> regularizer=<kl|vq> ...`"""
+"""`python -m ldm_train stage=<autoencoder|calibrate|diffusion|sample|evaluate|pipeline> f=<f> regularizer=<kl|vq>`"""
 
 from __future__ import annotations
 
@@ -19,8 +19,18 @@ def run(cfg: DictConfig) -> dict:
     from ldm_train.lit.trainer import quiet_lightning  # lazy: `--help` and `--cfg` need no Lightning/torch
 
     quiet_lightning()
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from ldm_train.artifacts import atomic_write_json
+    from ldm_train.config import run_dir
+    from ldm_train.lit.trainer import finish_logger
+
     stage = importlib.import_module(f"ldm_train.stages.{cfg.stage}")
-    return stage.run(cfg)
+    metrics = stage.run(cfg)
+    if metrics and rank_zero_only.rank == 0:  # the job folder keeps its results: sweeps and reports read them
+        atomic_write_json(run_dir(cfg) / "metrics.json", metrics)
+    finish_logger(metrics)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

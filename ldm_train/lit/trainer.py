@@ -71,10 +71,38 @@ def build_logger(cfg: DictConfig, job_type: str):
         if mode == "offline":
             log.info("wandb runs offline (no API key or WANDB_MODE); upload later with `wandb sync %s/wandb`",
                      save_dir)
-        return WandbLogger(project=cfg.logger.project, name=f"{job_type}-{cfg.name}", job_type=job_type,
-                           save_dir=save_dir, mode=mode,
+        group = sweep_group(cfg)
+        return WandbLogger(project=cfg.logger.project, name=f"{cfg.name}-{job_type}", job_type=job_type,
+                           group=group, tags=[f"f{cfg.f}", cfg.regularizer.name], save_dir=save_dir, mode=mode,
                            config=OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
     raise ConfigError(f"unknown logger {name!r}; valid: wandb, csv, tensorboard, none")
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """wandb group: `logger.group` when set, else the sweep folder's name in a multirun (one group per ablation)."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def finish_logger(summary: dict | None = None) -> None:
+    """End this stage's wandb run with its returned metrics as the run summary; the next stage opens its own."""
+    import sys
+
+    if "wandb" not in sys.modules:  # nothing logged to wandb in this process
+        return
+    import wandb
+
+    if wandb.run is None:
+        return
+    if summary:
+        wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    wandb.finish()
 
 
 def build_strategy(cfg: DictConfig, find_unused_parameters: bool = False):
