@@ -25,6 +25,12 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, seed: int | None = None) -> DataLoader:
+    """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
+    if shuffle:
+        from ldm_train.data.resumable import ResumableLoader
+
+        return ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                               persistent_workers=num_workers > 0, pin_memory=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False)
