@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 
 def build_datasets(cfg) -> tuple[Dataset, Dataset]:
@@ -27,7 +27,7 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
                 drop_last: bool = False, seed: int | None = None) -> DataLoader:
     """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
-    if shuffle:
+    if shuffle and not isinstance(dataset, IterableDataset):  # streams (webdataset) shuffle themselves
         from ldm_train.data.resumable import ResumableLoader
 
         return ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
