@@ -6,7 +6,7 @@ import importlib
 import logging
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ldm_train.config import CONF_DIR, validate
 
@@ -16,9 +16,13 @@ log = logging.getLogger("ldm_train")
 def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
     validate(cfg)  # before any heavy import: a bad config fails in a second
+    from ldm_train.lit.reliability import resolve_checkpoint
     from ldm_train.lit.trainer import quiet_lightning  # lazy: `--help` and `--cfg` need no Lightning/torch
 
     quiet_lightning()
+    ckpt_path = resolve_checkpoint(cfg)  # `last` → a file; refuses unsafe or other-stage checkpoints now
+    with open_dict(cfg):
+        cfg.ckpt_path = ckpt_path
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from ldm_train.artifacts import atomic_write_json

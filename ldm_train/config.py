@@ -89,6 +89,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{stage}.batch_size={section.batch_size} is the batch per device; it must be at "
                               f"least 1 on each of the {devices} devices")
     _validate_distribution(cfg)
+    if cfg.stage in ("diffusion", "pipeline"):
+        _check_unet_fits(cfg)
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
@@ -111,6 +113,19 @@ def _validate_distribution(cfg: DictConfig) -> None:
     if trains_stage1 and cfg.autoencoder.loss.disc.get("sync_batchnorm") and not _gpu_run(cfg):
         raise ConfigError("autoencoder.loss.disc.sync_batchnorm needs GPUs (torch's SyncBatchNorm refuses CPU "
                           "tensors); set it to false, or use autoencoder.loss.disc.norm=group")
+
+
+def _check_unet_fits(cfg: DictConfig) -> None:
+    """The image must divide by f (the autoencoder) times 2^(levels − 1) (the U-Net's downsamplings of the latent)."""
+    f, res = int(cfg.f), int(cfg.data.resolution)
+    levels = len(cfg.unet.channel_mult)
+    need = f * 2 ** (levels - 1)
+    if res % need:
+        near = [r for r in (res // need * need, res // need * need + need) if r > 0]
+        raise ConfigError(f"data.resolution={res} does not fit f={f} with a {levels}-level U-Net "
+                          f"(unet.channel_mult={list(cfg.unet.channel_mult)}): the latent (resolution/f) must be "
+                          f"divisible by {2 ** (levels - 1)}, so the image by {need}; use data.resolution="
+                          f"{' or '.join(map(str, near))}, or fewer U-Net levels")
 
 
 def _gpu_run(cfg: DictConfig) -> bool:

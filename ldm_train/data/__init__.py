@@ -65,12 +65,18 @@ def share_rank_with_workers() -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, seed: int | None = None) -> DataLoader:
+    """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
     if isinstance(dataset, IterableDataset):  # shard streams shuffle and split themselves
         dataset.num_workers = num_workers
         # Lightning warns that an IterableDataset's __len__ may be wrong with workers; a stream's is exact per rank
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         return EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
                            persistent_workers=num_workers > 0, pin_memory=False)
+    if shuffle:
+        from ldm_train.data.resumable import ResumableLoader
+
+        return ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                               persistent_workers=num_workers > 0, pin_memory=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False)

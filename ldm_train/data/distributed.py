@@ -35,10 +35,12 @@ def rank_loader(dataset: Dataset, batch_size: int, *, train: bool, world_size: i
 def trainer_loaders(trainer, train_ds: Dataset, val_ds: Dataset, batch_size: int, seed: int,
                     num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for this process of `trainer` (its world size and global rank are known before fit)."""
-    if isinstance(train_ds, IterableDataset):  # shard streams split themselves by rank and worker
-        from ldm_train.data import make_loader
+    from ldm_train.data import make_loader
 
+    if isinstance(train_ds, IterableDataset):  # shard streams split themselves by rank and worker
         return (make_loader(train_ds, batch_size, True, num_workers, drop_last=True),
                 make_loader(val_ds, batch_size, False, num_workers))
-    kw = dict(world_size=trainer.world_size, rank=trainer.global_rank, seed=seed, num_workers=num_workers)
-    return (rank_loader(train_ds, batch_size, train=True, **kw), rank_loader(val_ds, batch_size, train=False, **kw))
+    # training: the same split as rank_loader(train=True), plus an exact mid-epoch resume (data/resumable.py)
+    train = make_loader(train_ds, batch_size, True, num_workers, drop_last=True, seed=seed)
+    return train, rank_loader(val_ds, batch_size, train=False, world_size=trainer.world_size,
+                              rank=trainer.global_rank, seed=seed, num_workers=num_workers)

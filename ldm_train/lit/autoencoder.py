@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_train.lit.reliability import guard_step
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 from ldm_train.models.autoencoder import Autoencoder
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
@@ -58,12 +59,14 @@ class AutoencoderModule(L.LightningModule):
         g_loss, logs = self.loss.generator_loss(x, xrec, reg_log, step, self.autoencoder.last_layer)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
-        opt_g.step()
-
+        # both backward passes before either step (D's loss uses detached x̂, and opt_g holds no D parameter, so
+        # the numbers are those of "step G, then D"), so one finiteness check can skip both steps
         d_loss, d_logs = self.loss.discriminator_loss(x, xrec, step)
-        opt_d.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)  # also drops the D gradients that the generator's g term left
         if d_loss is not None:
             self.manual_backward(d_loss)
+        guard_step(self, [g_loss, d_loss], [opt_g, opt_d])  # non-finite: gradients dropped, both steps change nothing
+        opt_g.step()
         opt_d.step()  # counted by Lightning either way, which keeps batch_step = global_step // 2
         logs["lr"] = opt_g.param_groups[0]["lr"]  # the LR this step used
         scheds = self.lr_schedulers()  # manual optimisation: we step them, once per batch

@@ -13,6 +13,7 @@ from torch import nn
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
 from ldm_train.first_stage import FirstStage
+from ldm_train.lit.reliability import guard_step
 from ldm_train.sampling import generate
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
@@ -51,6 +52,8 @@ class DiffusionModule(L.LightningModule):
         self._trainable = [nn.ModuleDict(parts)]  # in a list: the same modules, not registered a second time
         self.ema = EMA(self.trainable(), max_decay=cfg["ema_decay"])
         self.force_drop: torch.Tensor | None = None  # tests set this to force CFG dropout
+        self._step_loss: torch.Tensor | None = None  # this step's loss, for the finiteness check
+        self._step_finite = True
 
     def trainable(self) -> nn.ModuleDict:
         """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly."""
@@ -98,14 +101,21 @@ class DiffusionModule(L.LightningModule):
         logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
         self.log("train/loss", logs["loss"], prog_bar=True, batch_size=len(z0))  # over the global batch
         self.log("train/cfg_drop_fraction", logs["cfg_drop_fraction"], batch_size=len(z0))
+        self._step_loss = loss.detach()
         return loss
 
     def on_train_start(self) -> None:
         if self.trainer.world_size > 1:  # own noise, t and CFG dropout per rank; init stays identical
             seed_per_rank(self.global_step)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after backward (gradients all-reduced), before clipping and the step: a non-finite step drops its gradients
+        self._step_finite = guard_step(self, [self._step_loss], [optimizer])
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        if not self._step_finite:
+            return  # a skipped step changed no weight; the EMA must not count it either
         # right after every optimizer step, identically on every rank; not in on_train_batch_end, which runs
         # after the callbacks' hook, so ModelCheckpoint would save the EMA one update behind the weights
         decay = self.ema.update(self.trainable())

@@ -12,13 +12,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
+from ldm_train.lit.reliability import ReliabilityCallback
 
 log = logging.getLogger(__name__)
 
 # Lightning notices that are expected here: frozen modules (LPIPS, the first stage, frozen text encoders) sit in
 # eval mode by design, and checkpoints of manual optimisation hold the post-step state, which is what resume needs.
 _EXPECTED = (r".*module\(s\) in eval mode.*", r".*ModelCheckpoint with manual optimization.*",
-             r".*isinstance\(treespec, LeafSpec\).*")
+             r".*isinstance\(treespec, LeafSpec\).*",
+             r".*The dirpath has changed from.*")  # each run has its own folder; resuming reads another one
 
 
 class _DropTips(logging.Filter):
@@ -144,6 +146,7 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
+    reliability = ReliabilityCallback(job_type, run_dir(cfg) / "checkpoints", t.get("max_nonfinite_steps", 10))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg, find_unused_parameters), sync_batchnorm=sync_batchnorm,
@@ -152,7 +155,7 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
-        callbacks=[ckpt, *callbacks],
+        callbacks=[ckpt, reliability, *callbacks],
         default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
     )
 
