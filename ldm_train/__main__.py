@@ -17,24 +17,28 @@ def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
     validate(cfg)  # before any heavy import: a bad config fails in a second
     from ldm_train.lit.reliability import resolve_checkpoint
-    from ldm_train.lit.trainer import quiet_lightning  # lazy: `--help` and `--cfg` need no Lightning/torch
+    from ldm_train.lit.trainer import finish_logger, quiet_lightning  # lazy: `--help` and `--cfg` need no torch
 
     quiet_lightning()
     ckpt_path = resolve_checkpoint(cfg)  # `last` → a file; refuses unsafe or other-stage checkpoints now
     with open_dict(cfg):
         cfg.ckpt_path = ckpt_path
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    from ldm_train.artifacts import atomic_write_json
-    from ldm_train.config import run_dir
-    from ldm_train.lit.trainer import finish_logger
-
     stage = importlib.import_module(f"ldm_train.stages.{cfg.stage}")
     metrics = stage.run(cfg)
-    if metrics and rank_zero_only.rank == 0:  # the job folder keeps its results: sweeps and reports read them
-        atomic_write_json(run_dir(cfg) / "metrics.json", metrics)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if metrics and rank_zero_only.rank == 0:
+        write_run_metrics(cfg, metrics)
     finish_logger(metrics)
     return metrics
+
+
+def write_run_metrics(cfg: DictConfig, metrics: dict) -> None:
+    """`<run dir>/metrics.json` (rank 0 only): the job folder keeps its results; sweeps and ablation reports read it."""
+    from ldm_train.artifacts import atomic_write_json
+    from ldm_train.config import run_dir
+
+    atomic_write_json(run_dir(cfg) / "metrics.json", metrics)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

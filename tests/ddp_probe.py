@@ -129,7 +129,7 @@ if __name__ == "__main__":
     stage1.calibrate_module = recording_calibration(stage1.calibrate_module)
     stage1.save_autoencoder = recording_writes(stage1.save_autoencoder, "autoencoder_artifact")
     stage2.save_diffusion = recording_writes(stage2.save_diffusion, "diffusion_artifact")
-    pipeline.atomic_write_json = recording_writes(pipeline.atomic_write_json, "pipeline_metrics")
+    cli.write_run_metrics = recording_writes(cli.write_run_metrics, "pipeline_metrics")
     pipeline.sample_stage.run = recording_writes(pipeline.sample_stage.run, "samples")
     TorchCheckpointIO.save_checkpoint = recording_writes(TorchCheckpointIO.save_checkpoint, "checkpoint")
     lit_diffusion.cfg_drop_mask = cfg_drop_mask_recorded(lit_diffusion.cfg_drop_mask)

@@ -11,10 +11,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance  # not re-exported w
 
 from ldm_train.evaluation.features import FeatureNetwork
 
+# evaluation runs in one process (rank 0 under DDP): metrics must not wait for the other ranks
+LOCAL = {"sync_on_compute": False}
+
 
 def frechet(features: FeatureNetwork) -> FrechetInceptionDistance:
     """torchmetrics' FID machinery over any feature network; inputs are floats in [0, 1]."""
-    return FrechetInceptionDistance(feature=features.module, normalize=True)  # its sums are float64 already
+    # its running sums are float64 already
+    return FrechetInceptionDistance(feature=features.module, normalize=True, **LOCAL)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +32,8 @@ def reconstruction_metrics(reconstruct: Callable[[torch.Tensor], torch.Tensor], 
                            features: FeatureNetwork | None) -> dict[str, float]:
     """PSNR, SSIM (images in [-1, 1], data range 2), the perceptual distance and the reconstruction Fréchet
     distance, over every batch. Keys: recon_psnr, recon_ssim, recon_<perceptual name>, rfid | rfd_<net>."""
-    psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))  # mean of per-image
-    ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+    psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3), **LOCAL)  # per image
+    ssim = StructuralSimilarityIndexMeasure(data_range=2.0, **LOCAL)
     fd = frechet(features) if features else None
     dist, n = 0.0, 0
     for x in batches:
