@@ -8,10 +8,12 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
+from ldm_train.lit.mfu import MFUMonitor
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,14 @@ def build_strategy(cfg: DictConfig):
     return s.name
 
 
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`trainer.precision: auto` → bf16-mixed where the run lands on a CUDA GPU with bf16, else 32-true."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
                   limit_val_batches: int | None = None, max_time: str | None = None,
                   steps_per_batch: int = 1, gradient_clip_val: float | None = None) -> L.Trainer:
@@ -97,13 +107,19 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
+    callbacks = [ckpt, *callbacks]
+    if t.get("mfu", True):
+        callbacks.append(MFUMonitor(t.get("peak_tflops", "auto")))
+    if t.enable_progress_bar:  # the bar reads its metrics (a host sync) at each refresh: refresh when logging
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision, t.accelerator),
         strategy=build_strategy(cfg), max_steps=max_steps, max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
-        callbacks=[ckpt, *callbacks],
+        callbacks=callbacks,
         default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
     )
 
