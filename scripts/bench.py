@@ -2,7 +2,7 @@
 
     python scripts/bench.py                 # full (a few minutes on 2 CPU cores)
     python scripts/bench.py --quick         # fewer repetitions (≤ 2 min on 2 cores; indicative only)
-    python scripts/bench.py --json out.json --device cuda --compile
+    python scripts/bench.py --json out.json --device cuda --compile   # + SD-1.5 U-Net MFU, eager and compiled
 
 Every timed figure is the median over repetitions interleaved in one process (ours, reference, ours, …), so a
 slower or busier machine moves both sides alike. Ratios are ours/diffusers: below 1 is faster. Our side runs
@@ -114,9 +114,8 @@ class Bench:
         x = torch.randn(b, 4, 16, 16, device=self.device)
         t = torch.randint(0, 1000, (b,), device=self.device)
         ctx = torch.randn(b, 16, 384, device=self.device)
-        net = torch.compile(ours) if self.compile else ours
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        fns = {"ours": self.train_step(lambda: F.mse_loss(net(x_cl, t, ctx).float(), x), _adamw(ours, fused=True)),
+        fns = {"ours": self.train_step(lambda: F.mse_loss(ours(x_cl, t, ctx).float(), x), _adamw(ours, fused=True)),
                "ref": self.train_step(lambda: F.mse_loss(ref(x, t, ctx).sample.float(), x), _adamw(ref))}
         m = self.interleaved(fns)
         self.results.update(unet_params_ours=n_ours, unet_params_diffusers=n_ref, unet_ms_ours=1e3 * m["ours"],
@@ -134,10 +133,9 @@ class Bench:
         assert abs(n_ours / n_ref - 1) < 0.03, f"autoencoder sizes differ: {n_ours} vs {n_ref}"
         x = torch.rand(b, 3, 64, 64, device=self.device) * 2 - 1
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        net = torch.compile(ours) if self.compile else ours
 
         def ours_loss() -> torch.Tensor:  # reconstruction only: L1 + KL, no perceptual or adversarial term
-            rec, log = net(x_cl)
+            rec, log = ours(x_cl)
             return (rec.float() - x).abs().mean() + 1e-6 * log["kl"]
 
         def ref_loss() -> torch.Tensor:
@@ -155,12 +153,15 @@ class Bench:
 
     def stage1(self) -> None:
         _import("lpips")
+        import warnings
+
         import yaml
 
         from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 
         loss_cfg = yaml.safe_load((ROOT / "ldm_train/conf/autoencoder/default.yaml").read_text())["loss"]
         perceptual = dict(loss_cfg["perceptual"], weights="random")  # no downloads; the cost is the same
+        warnings.filterwarnings("ignore", message=".*RANDOM.*backbone")
         torch.manual_seed(0)
         b = 32 if self.cuda else 8
         ae = _ours(Autoencoder(AE_OURS), self.device)
@@ -274,18 +275,25 @@ class Bench:
         if not self.cuda:
             raise Skip("needs a CUDA GPU (bf16 SD-1.5-size U-Net)")
         torch.manual_seed(0)
-        b = 16
         unet = _ours(UNet.from_preset("sd15"), self.device)
-        x = torch.randn(b, 4, 64, 64, device=self.device).contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, 1000, (b,), device=self.device)
-        ctx = torch.randn(b, 77, 768, device=self.device)
         opt = _adamw(unet, fused=True)
-        rows = {"eager": unet, **({"compiled": torch.compile(unet)} if self.compile else {})}
-        flops = count_flops(self.train_step(lambda: F.mse_loss(unet(x, t, ctx).float(), x), opt))
+        nets = {"eager": unet, **({"compiled": torch.compile(unet)} if self.compile else {})}
+
+        def step(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> Callable[[], None]:
+            return self.train_step(lambda: F.mse_loss(net(x, t, ctx).float(), x), opt)
+
+        for b in (16, 8, 4):  # 64×64 latents (512 px images), 77 tokens; smaller batches if memory runs out
+            inputs = (torch.randn(b, 4, 64, 64, device=self.device).contiguous(memory_format=torch.channels_last),
+                      torch.randint(0, 1000, (b,), device=self.device), torch.randn(b, 77, 768, device=self.device))
+            try:
+                flops = count_flops(step(unet, *inputs))
+                break
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
         peak = resolve_peak_tflops("auto", torch.cuda.get_device_name(self.device), "bf16-mixed")
-        m = self.interleaved({k: self.train_step(lambda n=n: F.mse_loss(n(x, t, ctx).float(), x), opt)
-                              for k, n in rows.items()}, reps=5 if self.quick else 10)
-        self.results.update(sd15_params=_params(unet), sd15_gflops_per_step=flops / 1e9)
+        m = self.interleaved({k: step(net, *inputs) for k, net in nets.items()}, reps=5 if self.quick else 10)
+        self.results.update(sd15_params=_params(unet), sd15_batch=b, sd15_gflops_per_step=flops / 1e9)
         for k, sec in m.items():
             tflops = flops / sec / 1e12
             self.results.update({f"sd15_{k}_ms": 1e3 * sec, f"sd15_{k}_tflops": tflops})
@@ -293,8 +301,8 @@ class Bench:
                 self.results[f"sd15_{k}_mfu"] = tflops / peak
             self.row(f"SD-1.5 U-Net step bf16 {k} (b {b})", f"{1e3 * sec:.0f} ms", f"{tflops:.0f} TFLOP/s",
                      f"MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "MFU: no peak known for this GPU")
-        self.results["sd15_mfu"] = max(v for k, v in self.results.items() if k.endswith("_mfu") and k != "sd15_mfu") \
-            if peak else "n/a"
+        if peak:
+            self.results["sd15_mfu"] = max(self.results[f"sd15_{k}_mfu"] for k in m)
 
 
 def _import(name: str):
@@ -328,7 +336,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and images (indicative figures)")
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our networks (off by default)")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd SD-1.5 U-Net (CUDA)")
     ap.add_argument("--only", nargs="+", choices=ROWS, help="run only these rows")
     ap.add_argument("--reps", type=int, help="repetitions per row (1 warm-up call each): a smoke check")
     args = ap.parse_args()
