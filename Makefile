@@ -6,9 +6,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ldm_train-installed
 DEMO_ARGS ?=
+ABLATION_EXPERIMENT ?= ablation
+ABLATION_F ?= 4,8,16
+ABLATION_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint bench clean
+.PHONY: help setup demo test lint bench ablation clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,6 +35,11 @@ lint: setup ## ruff
 
 bench: setup ## Stage-1 benchmark (KL f=4 32 px ≤3 min, KL f=8 64 px ≤10 min): PSNR, LPIPS variant, step time
 	$(PY) scripts/bench_autoencoder.py
+
+ablation: setup ## The f ablation on shapes (quickstart size, ~8 min per f on 2 cores): multirun/…/ablation.md + plots
+	@start=$$(date +%s); \
+	$(PY) -m ldm_train -m stage=pipeline experiment=$(ABLATION_EXPERIMENT) f=$(ABLATION_F) $(ABLATION_ARGS) && \
+	echo "ablation wall time: $$(( $$(date +%s) - start )) s"
 
 clean: ## Remove outputs (keeps .venv and artifacts/)
 	rm -rf outputs multirun wandb lightning_logs

@@ -1,4 +1,4 @@
-"""`python -m ldm_train stage=<autoencoder|calibrate|diffusion|sample> f=<f> regularizer=<kl|vq> ...`"""
+"""`python -m ldm_train stage=<autoencoder|calibrate|diffusion|sample|evaluate|pipeline> f=<f> regularizer=<kl|vq>`"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 import logging
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ldm_train.config import CONF_DIR, validate
 
@@ -16,11 +16,25 @@ log = logging.getLogger("ldm_train")
 def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
     validate(cfg)  # before any heavy import: a bad config fails in a second
+    from ldm_train.lit.reliability import resolve_checkpoint
     from ldm_train.lit.trainer import quiet_lightning  # lazy: `--help` and `--cfg` need no Lightning/torch
 
     quiet_lightning()
+    ckpt_path = resolve_checkpoint(cfg)  # `last` → a file; refuses unsafe or other-stage checkpoints now
+    with open_dict(cfg):
+        cfg.ckpt_path = ckpt_path
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from ldm_train.artifacts import atomic_write_json
+    from ldm_train.config import run_dir
+    from ldm_train.lit.trainer import finish_logger
+
     stage = importlib.import_module(f"ldm_train.stages.{cfg.stage}")
-    return stage.run(cfg)
+    metrics = stage.run(cfg)
+    if metrics and rank_zero_only.rank == 0:  # the job folder keeps its results: sweeps and reports read them
+        atomic_write_json(run_dir(cfg) / "metrics.json", metrics)
+    finish_logger(metrics)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -32,12 +32,17 @@ class ArtifactError(RuntimeError):
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file via a temporary sibling and rename, so readers never see half a file."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file via a temporary sibling (same folder, so the rename is atomic) and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
@@ -206,6 +211,6 @@ def read_diffusion(artifact: Path) -> tuple[dict, Path]:
     return config, ae
 
 
-__all__ = ["ArtifactError", "ConfigError", "atomic_write_dir", "atomic_write_json", "atomic_write_text",
-           "content_hash", "load_autoencoder", "read_calibration", "read_diffusion", "save_autoencoder",
-           "save_diffusion"]
+__all__ = ["ArtifactError", "ConfigError", "atomic_write_bytes", "atomic_write_dir", "atomic_write_json",
+           "atomic_write_text", "content_hash", "load_autoencoder", "read_calibration", "read_diffusion",
+           "save_autoencoder", "save_diffusion"]

@@ -10,7 +10,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
-STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "pipeline")
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage not in STAGES:
         raise ConfigError(f"unknown stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
     autoencoder_arch(cfg.f, cfg.regularizer.name)
+    if cfg.data.name == "latents" and cfg.stage not in ("diffusion", "sample"):
+        raise ConfigError(f"data=latents (a latent cache) only feeds stage=diffusion; stage={cfg.stage} needs images: "
+                          "choose data=shapes, folder or webdataset")
     if cfg.stage == "autoencoder":
         resolved_arch(cfg)
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
@@ -85,10 +88,44 @@ def validate(cfg: DictConfig) -> None:
         if cfg.stage in (stage, "pipeline") and devices > 1 and section.batch_size < devices:
             raise ConfigError(f"{stage}.batch_size={section.batch_size} is the batch per device; it must be at "
                               f"least 1 on each of the {devices} devices")
+    _validate_distribution(cfg)
+    if cfg.stage in ("diffusion", "pipeline"):
+        _check_unet_fits(cfg)
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
                           "or autoencoder.loss.disc.norm=group")
+
+
+def _validate_distribution(cfg: DictConfig) -> None:
+    t, trains_stage1 = cfg.trainer, cfg.stage in ("autoencoder", "pipeline")
+    devices = t.devices if isinstance(t.devices, int) else len(t.devices) if not isinstance(t.devices, str) else 1
+    if cfg.strategy.name == "auto" and (devices != 1 or t.num_nodes > 1):  # -1: all devices
+        raise ConfigError(f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes} needs strategy=ddp "
+                          "(or strategy=fsdp on GPUs)")
+    if cfg.strategy.name == "fsdp" and (devices != 1 or t.num_nodes > 1):
+        # with more than one shard, the EMA update and the artifact export would see only this rank's shard
+        raise ConfigError("strategy=fsdp is supported on one GPU only (trainer.devices=1, trainer.num_nodes=1): "
+                          "the EMA and the artifact export do not gather sharded weights yet; use strategy=ddp")
+    if trains_stage1 and t.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError("stage 1 steps both optimizers on every batch and cannot accumulate gradients: set "
+                          "trainer.accumulate_grad_batches=1 and raise autoencoder.batch_size or trainer.devices")
+    if trains_stage1 and cfg.autoencoder.loss.disc.get("sync_batchnorm") and not _gpu_run(cfg):
+        raise ConfigError("autoencoder.loss.disc.sync_batchnorm needs GPUs (torch's SyncBatchNorm refuses CPU "
+                          "tensors); set it to false, or use autoencoder.loss.disc.norm=group")
+
+
+def _check_unet_fits(cfg: DictConfig) -> None:
+    """The image must divide by f (the autoencoder) times 2^(levels − 1) (the U-Net's downsamplings of the latent)."""
+    f, res = int(cfg.f), int(cfg.data.resolution)
+    levels = len(cfg.unet.channel_mult)
+    need = f * 2 ** (levels - 1)
+    if res % need:
+        near = [r for r in (res // need * need, res // need * need + need) if r > 0]
+        raise ConfigError(f"data.resolution={res} does not fit f={f} with a {levels}-level U-Net "
+                          f"(unet.channel_mult={list(cfg.unet.channel_mult)}): the latent (resolution/f) must be "
+                          f"divisible by {2 ** (levels - 1)}, so the image by {need}; use data.resolution="
+                          f"{' or '.join(map(str, near))}, or fewer U-Net levels")
 
 
 def _gpu_run(cfg: DictConfig) -> bool:

@@ -48,6 +48,26 @@ class FirstStage(nn.Module):
         return self.autoencoder.latent(x, sample=sample) * self.scale_factor
 
     @torch.no_grad()
+    def raw_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images → what the latent cache stores, unscaled: (posterior mean, std) for KL, (z_q, None) for VQ."""
+        moments = self.autoencoder.encode_moments(x)
+        if self.autoencoder.arch["regularizer"]["name"] == "kl":
+            mean, logvar = self.autoencoder.regularizer.posterior(moments)
+            return mean, (0.5 * logvar).exp()
+        return self.autoencoder.regularizer.latent(moments, sample=False), None
+
+    @torch.no_grad()
+    def from_cache(self, latent: torch.Tensor, std: torch.Tensor | None = None,
+                   sample: bool | None = None) -> torch.Tensor:
+        """Cached raw latents → scaled latents, as `encode` gives them: z = mean + std·ε (KL, sampling) or the
+        mean / z_q, times scale_factor."""
+        sample = self.sample_posterior if sample is None else sample
+        z = latent.float()
+        if sample and std is not None:
+            z = z + torch.randn_like(z) * std.float()
+        return z * self.scale_factor
+
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [-1, 1] (clamped)."""
         return self.autoencoder.decode_latent(z / self.scale_factor).clamp(-1, 1)
@@ -57,9 +77,11 @@ class FirstStage(nn.Module):
         return (self.latent_channels, r, r)
 
     @torch.no_grad()
-    def health_check(self, x: torch.Tensor, std_range: tuple[float, float]) -> dict:
-        """Encode a batch; refuse (LatentStdError) when the scaled std is outside `std_range`."""
-        z = self.encode(x)
+    def health_check(self, x: torch.Tensor | None, std_range: tuple[float, float],
+                     latents: torch.Tensor | None = None) -> dict:
+        """Encode a batch (or take scaled `latents`); refuse (LatentStdError) when the scaled std is outside
+        `std_range`."""
+        z = self.encode(x) if latents is None else latents
         stats = {"scaled_mean": float(z.mean()), "scaled_std": float(z.std()), "scale_factor": self.scale_factor,
                  "raw_std": float(z.std()) / self.scale_factor, "calibrated_raw_std": self.calibration["raw_std"]}
         lo, hi = std_range

@@ -45,3 +45,12 @@ def smoke_autoencoder(tmp_path_factory) -> dict:
     artifacts = root / "artifacts"
     return {"cfg_overrides": overrides, "artifacts": artifacts, "artifact": artifacts / "autoencoder" / "kl_f4",
             "metrics": metrics}
+
+
+@pytest.fixture(scope="session")
+def shapes_features(tmp_path_factory) -> dict:
+    """A quickly trained shapes feature network (fd_shapes / rfd_shapes): `path` to its weights, `stats`."""
+    from ldm_train.evaluation.features import train_shapes_features
+
+    path = tmp_path_factory.mktemp("features") / "shapes.safetensors"
+    return {"path": path, "stats": train_shapes_features(path, steps=120, pool=1024)}

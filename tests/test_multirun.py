@@ -20,3 +20,5 @@ def test_multirun_sweeps_f(tmp_path):
         assert json.loads((art / "calibration.json").read_text())["scale_factor"] > 0
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert jobs == ["0_autoencoder_kl_f4", "1_autoencoder_kl_f8"]
+    report = (tmp_path / "sweep" / "ablation.md").read_text()  # the Hydra callback reads each job's metrics.json
+    assert "| 4 | kl |" in report and "| 8 | kl |" in report and "[lpips_randalex]" in report

@@ -7,12 +7,12 @@ from PIL import Image
 KEYS = ("recon_psnr", "caption_alignment_cfg", "caption_alignment_nocfg", "caption_alignment_null", "wall_seconds")
 
 
-def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path):
+def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features):
     from ldm_train.__main__ import run
 
     cfg = compose_cfg(["experiment=smoke", "stage=pipeline", "diffusion.eval_samples=4", "n_per_prompt=1",
                        "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
-                       f"paths.run_dir={tmp_path}/r"])
+                       f"paths.run_dir={tmp_path}/r", f"eval.features_path={shapes_features['path']}"])
     out = run(cfg)
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert set(KEYS) <= set(metrics) and metrics == json.loads(json.dumps(out))
@@ -20,7 +20,11 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["caption_alignment_samples"] == 4
     ae = json.loads((tmp_path / "a" / "autoencoder" / "kl_f4" / "metrics.json").read_text())
-    assert metrics["recon_psnr"] == ae["psnr"]
+    # the last step evaluates both artifacts: recon_psnr over the whole validation set, honest metric names
+    assert metrics["recon_psnr"] == ae["evaluation"]["recon_psnr"] and "psnr" in ae  # stage-1 keys kept
+    assert {"rfd_shapes", "fd_shapes", "caption_alignment", "recon_lpips_randalex"} <= set(metrics)
+    assert metrics["eval_samples"] == 8 and not {"fid", "rfid", "lpips"} & set(metrics)
+    assert metrics["autoencoder_reused"] is False and metrics["diffusion_ms_per_step"] > 0
     assert Image.open(metrics["grid"]).size[0] > 16
     assert (tmp_path / "a" / "diffusion" / "kl_f4" / "model.safetensors").exists()
 
@@ -28,6 +32,7 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path):
     before = (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns
     cfg2 = compose_cfg(["experiment=smoke", "stage=pipeline", "diffusion.eval_samples=0", "n_per_prompt=1",
                         "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
-                        f"paths.run_dir={tmp_path}/r2"])
-    run(cfg2)
+                        f"paths.run_dir={tmp_path}/r2", "eval.features=none", "eval.num_samples=2",
+                        "eval.batch_size=2"])
+    assert run(cfg2)["autoencoder_reused"] is True
     assert (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns == before

@@ -11,10 +11,12 @@ import json
 import pathlib
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from ldm_train.__main__ import run
 from ldm_train.artifacts import ArtifactError, load_autoencoder
@@ -148,3 +150,148 @@ def test_autoencoder_artifact_refuses_pickle_weights(smoke_autoencoder, tmp_path
     with pytest.raises(ArtifactError, match="safetensors"):
         load_autoencoder(artifact, expect_f=4, expect_regularizer="kl")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- exact resume
+# Run K steps uninterrupted; run again, send SIGTERM during step k, resume from the checkpoint the signal wrote:
+# the losses of steps k+1 … K and the final weights and optimizer states must be identical. The data spans several
+# epochs (a short train set), and stage 1 reads an image folder with random crops and flips in 2 worker processes,
+# so data order, per-sample augmentation, RNG, optimizers, schedulers, EMA, discriminator and logvar all matter.
+
+
+class _SignalAt(Callback):
+    """Raises `sig` in this process as training step `step` starts (stage 1 counts two optimizer steps a batch)."""
+
+    def __init__(self, step: int, sig: int, per_batch: int):
+        self.step, self.sig, self.per_batch = step, sig, per_batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step // self.per_batch == self.step:
+            signal.raise_signal(self.sig)
+
+
+def _record_run(monkeypatch, stage_module, cfg, losses: dict, interrupt: int | None = None, per_batch: int = 1):
+    original = stage_module.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        if interrupt is not None:
+            trainer.callbacks.append(_SignalAt(interrupt, signal.SIGTERM, per_batch))
+        return trainer
+
+    monkeypatch.setattr(stage_module, "build_trainer", build)
+    try:
+        run(cfg)
+        return "finished"
+    except SystemExit as exc:
+        assert exc.code == 0
+        return "preempted"
+    finally:
+        monkeypatch.setattr(stage_module, "build_trainer", original)
+
+
+def _image_folder(root: Path, n: int = 48) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    root.mkdir()
+    for i in range(n):
+        arr = (torch.rand(24, 28, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"image {i}")
+    return root
+
+
+def _assert_same_final_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pid, state in sa["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, sb["state"][pid][name]), (pid, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_autoencoder_resume_is_exact(compose_cfg, monkeypatch, tmp_path):
+    from ldm_train.losses.autoencoder_loss import AutoencoderLoss
+    from ldm_train.stages import autoencoder as stage
+
+    folder, steps, k = _image_folder(tmp_path / "images", 24), 8, 5  # k: in the second epoch, after disc_start
+    common = ["stage=autoencoder", "data=folder", f"data.root={folder}", "data.resolution=16", "data.random_crop=true",
+              "data.flip=true", "data.num_workers=2", "autoencoder.lr_schedule=cosine", "trainer.deterministic=true",
+              "autoencoder.batch_size=4", f"autoencoder.max_steps={steps}", "autoencoder.val_every=4",
+              "autoencoder.loss.disc_start=3"]  # 23 training images at batch 4: 5 batches an epoch
+    losses: dict[str, dict] = {"full": {}, "part": {}}
+    current = {"run": "full"}
+    g_loss, d_loss = AutoencoderLoss.generator_loss, AutoencoderLoss.discriminator_loss
+
+    def record_g(self, x, xrec, reg_log, step, last_layer):
+        loss, logs = g_loss(self, x, xrec, reg_log, step, last_layer)
+        losses[current["run"]][("g", step)] = loss.item()
+        return loss, logs
+
+    def record_d(self, x, xrec, step):
+        loss, logs = d_loss(self, x, xrec, step)
+        if loss is not None:
+            losses[current["run"]][("d", step)] = loss.item()
+        return loss, logs
+
+    monkeypatch.setattr(AutoencoderLoss, "generator_loss", record_g)
+    monkeypatch.setattr(AutoencoderLoss, "discriminator_loss", record_d)
+    assert _record_run(monkeypatch, stage, compose_cfg(smoke(tmp_path, "a1", "full", *common)), losses) == "finished"
+    current["run"] = "part"
+    cfg = compose_cfg(smoke(tmp_path, "a2", "part", *common))
+    assert _record_run(monkeypatch, stage, cfg, losses, interrupt=k, per_batch=2) == "preempted"
+    assert last_ckpt(tmp_path / "part")["global_step"] == 2 * (k + 1)  # saved at the end of the signalled batch
+    assert not (tmp_path / "a2" / "autoencoder").exists()  # a preempted run writes no artifact
+    part = dict(losses["part"])
+    losses["part"] = {}
+    cfg = compose_cfg(smoke(tmp_path, "a2", "resumed", *common, "ckpt_path=last"))  # finds part/…/last.ckpt
+    assert _record_run(monkeypatch, stage, cfg, losses) == "finished"
+
+    full, resumed = losses["full"], losses["part"]
+    assert {s for _, s in resumed} == set(range(k + 1, steps))
+    assert {key: full[key] for key in part} == part
+    assert {key: full[key] for key in resumed} == resumed
+    assert any(kind == "d" for kind, _ in resumed)
+    _assert_same_final_state(last_ckpt(tmp_path / "full"), last_ckpt(tmp_path / "resumed"))
+
+
+def test_diffusion_resume_is_exact(compose_cfg, smoke_autoencoder, monkeypatch, tmp_path):
+    from ldm_train.lit.diffusion import DiffusionModule
+    from ldm_train.stages import diffusion as stage
+
+    # k: the signal's checkpoint is taken just before the validation at step 4, which draws random numbers (its
+    # loader's seed) in the uninterrupted run only
+    steps, k = 8, 3
+    common = ["stage=diffusion", f"autoencoder.path={smoke_autoencoder['artifact']}", "data.train_size=20",
+              "diffusion.batch_size=4", f"diffusion.max_steps={steps}", "diffusion.val_every=4",
+              "trainer.deterministic=true", "diffusion.cfg_dropout=0.3"]  # 5 batches an epoch
+    losses: dict[str, dict] = {"full": {}, "part": {}}
+    current = {"run": "full"}
+    training_step = DiffusionModule.training_step
+
+    def record(self, batch, batch_idx):
+        loss = training_step(self, batch, batch_idx)
+        losses[current["run"]][self.global_step] = loss.item()
+        return loss
+
+    monkeypatch.setattr(DiffusionModule, "training_step", record)
+    assert _record_run(monkeypatch, stage, compose_cfg(smoke(tmp_path, "a1", "full", *common)), losses) == "finished"
+    current["run"] = "part"
+    assert _record_run(monkeypatch, stage, compose_cfg(smoke(tmp_path, "a2", "part", *common)), losses,
+                       interrupt=k) == "preempted"
+    part = dict(losses["part"])
+    losses["part"] = {}
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    assert last_ckpt(tmp_path / "part")["global_step"] == k + 1
+    assert _record_run(monkeypatch, stage, compose_cfg(smoke(tmp_path, "a2", "resumed", *common,
+                                                             f"ckpt_path={ckpt}")), losses) == "finished"
+
+    full, resumed = losses["full"], losses["part"]
+    assert sorted(resumed) == list(range(k + 1, steps))
+    assert {s: full[s] for s in part} == part
+    assert {s: full[s] for s in resumed} == resumed
+    _assert_same_final_state(last_ckpt(tmp_path / "full"), last_ckpt(tmp_path / "resumed"))

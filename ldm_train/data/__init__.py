@@ -1,13 +1,21 @@
-"""Datasets behind the `data` config group; every item is a dict with `image` in [-1, 1] and `caption`."""
+"""Datasets behind the `data` config group; every item is a dict with `image` in [-1, 1] (or cached latents),
+`caption`, and (folders, shards) a `data_counts` vector of bad-input events (see ldm_train.data.images)."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from ldm_train.data.images import CaptionLimit
+
+DATA_NAMES = ("shapes", "folder", "webdataset", "latents")
 
 
-def build_datasets(cfg) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets for `cfg` = the `data` config section."""
+def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets for `cfg` = the `data` config section; `caption_limit` counts over-long captions."""
     if cfg.name == "shapes":
         from ldm_train.data.shapes import ShapesDataset
 
@@ -16,15 +24,59 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     if cfg.name == "folder":
         from ldm_train.data.folder import ImageFolderDataset
 
-        train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip)
-        val = ImageFolderDataset(cfg.root, cfg.resolution)  # no augmentation: validation must be repeatable
+        common = dict(max_pixels=cfg.get("max_image_pixels", 50_000_000), caption_limit=caption_limit)
+        train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip, **common)
+        val = ImageFolderDataset(cfg.root, cfg.resolution, **common)  # no augmentation: validation must be repeatable
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_val = max(1, int(len(train) * cfg.val_fraction)) if len(train) > 1 else 0
         return Subset(train, order[n_val:] or order), Subset(val, order[:n_val] or order)
-    raise ValueError(f"unknown data {cfg.name!r}; valid: shapes, folder")
+    if cfg.name == "webdataset":
+        from ldm_train.data.webdataset import image_streams
+
+        return image_streams(cfg, caption_limit)
+    if cfg.name == "latents":
+        from ldm_train.data.latents import latent_streams
+
+        return latent_streams(cfg)
+    raise ValueError(f"unknown data {cfg.name!r}; valid: {', '.join(DATA_NAMES)}")
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a shard stream: each new pass (epoch) tells the stream its epoch number first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = -1
+
+    def __iter__(self):
+        self.epoch += 1
+        self.dataset.set_epoch(self.epoch)
+        share_rank_with_workers()
+        return super().__iter__()
+
+
+def share_rank_with_workers() -> None:
+    """Export RANK/WORLD_SIZE when torch.distributed runs without them (e.g. Lightning's own launcher), so
+    webdataset's split_by_node sees the rank inside DataLoader workers too, whatever their start method."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(dist.get_rank()), str(dist.get_world_size())
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, seed: int | None = None) -> DataLoader:
+    """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
+    if isinstance(dataset, IterableDataset):  # shard streams shuffle and split themselves
+        dataset.num_workers = num_workers
+        # Lightning warns that an IterableDataset's __len__ may be wrong with workers; a stream's is exact per rank
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+        return EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
+                           persistent_workers=num_workers > 0, pin_memory=False)
+    if shuffle:
+        from ldm_train.data.resumable import ResumableLoader
+
+        return ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                               persistent_workers=num_workers > 0, pin_memory=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False)

@@ -1,39 +1,34 @@
-"""Image-folder dataset: images found recursively, captions from same-name .txt files."""
+"""Image-folder dataset: images found recursively, captions from same-name .txt files; bad files counted, skipped."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm_train.data.images import (
+    COUNTS_KEY,
+    DEFAULT_MAX_PIXELS,
+    CaptionLimit,
+    Counts,
+    SkipSample,
+    decode_caption,
+    open_image,
+    to_rgb,
+    to_tensor,
+)
+
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, compositing transparency over white."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # Pillow's convert() clips high-bit-depth greyscale at 255 instead of rescaling.
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            peak = 65535.0
-        elif img.mode == "F" and arr.max() <= 1.0:
-            peak = 1.0
-        else:  # "I" / "F" carry no declared depth: guess 16-bit when values exceed 8-bit
-            peak = 65535.0 if arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+_to_rgb = to_rgb  # the old private name
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `root` (recursive, sorted) resized and cropped to a square `resolution`."""
+    """Images under `root` (recursive, sorted) resized and cropped to a square `resolution`.
+
+    An unreadable file is skipped: the item is served from the next readable file instead, and the skip is
+    counted (by reason) in the item's `data_counts` vector, so batch shapes never change.
+    """
 
     def __init__(
         self,
@@ -42,9 +37,12 @@ class ImageFolderDataset(Dataset):
         random_crop: bool = False,
         flip: bool = False,
         extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        caption_limit: CaptionLimit | None = None,
     ):
         self.root = Path(root)
         self.resolution, self.random_crop, self.flip = resolution, random_crop, flip
+        self.max_pixels, self.caption_limit = max_pixels, caption_limit
         self.extensions = tuple(e.lower() for e in extensions)
         expected = (
             f"expected image files ({', '.join(self.extensions)}) anywhere below it, each "
@@ -63,41 +61,33 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int, counts: Counts | None = None) -> str:
         """Return the caption of image `index` ("" when it has no .txt file)."""
         txt = self.files[index].with_suffix(".txt")
-        if not txt.is_file():
-            return ""
-        return txt.read_text(encoding="utf-8", errors="replace").strip()
+        return decode_caption(txt.read_bytes() if txt.is_file() else None, counts, self.caption_limit)
 
-    def load_image(self, index: int) -> Image.Image:
-        """Open image `index` as upright RGB; raises ValueError naming the file if unreadable."""
-        path = self.files[index]
+    def load_image(self, index: int, counts: Counts | None = None) -> Image.Image:
+        """Open image `index` as upright RGB; raises SkipSample (a reason and the file) if unreadable."""
         try:
-            with Image.open(path) as img:
-                img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
-        except Exception as err:  # PIL raises many types for corrupt/truncated files
-            raise ValueError(f"could not read image file '{path}': {err}") from err
+            return open_image(self.files[index], self.max_pixels, counts)
+        except SkipSample as err:
+            err.args = (f"{err.args[0]} ('{self.files[index]}')",)
+            raise
 
     def __getitem__(self, index: int) -> dict:
-        img = self.load_image(index)
-        r = self.resolution
-        w, h = img.size
-        scale = r / min(w, h)
-        # max(r, ...) guards against rounding the shorter side to r - 1.
-        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
-        # PIL's resize filters widen their support when downscaling, i.e. they antialias.
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        if self.random_crop:
-            # torch RNG so DataLoader workers get distinct, seedable crops.
-            left = int(torch.randint(nw - r + 1, ()).item())
-            top = int(torch.randint(nh - r + 1, ()).item())
+        counts = Counts()
+        first_error = None
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            try:
+                img = self.load_image(i, counts)
+                break
+            except SkipSample as err:
+                counts.add(err.reason)
+                first_error = first_error or err
         else:
-            left, top = (nw - r) // 2, (nh - r) // 2
-        img = img.crop((left, top, left + r, top + r))
-        if self.flip and torch.rand(()).item() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(img, dtype=np.uint8)
-        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"image": image, "caption": self.caption(index), "label": 0}
+            raise ValueError(f"no readable image in '{self.root}' (first failure: {first_error}); "
+                             "remove or replace the broken files")
+        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts)
+        caption = self.caption(i, counts)
+        return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take()}

@@ -10,8 +10,10 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_train.lit.reliability import guard_step
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 from ldm_train.models.autoencoder import Autoencoder
+from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class AutoencoderModule(L.LightningModule):
         self.counting_flops = False
         reduction = "sum" if arch["regularizer"]["name"] == "kl" else "mean"
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
+        disc.pop("sync_batchnorm", None)  # applied by the Trainer (SyncBatchNorm conversion), not a layer option
         self.loss = AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, perceptual=loss["perceptual"],
                                     disc=disc, disc_start=loss["disc_start"], disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
@@ -66,20 +69,27 @@ class AutoencoderModule(L.LightningModule):
         g_loss, logs = self.loss.generator_loss(x, xrec, reg_log, step, self.autoencoder.last_layer)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
-        opt_g.step()
-
+        # both backward passes before either step (D's loss uses detached x̂, and opt_g holds no D parameter, so
+        # the numbers are those of "step G, then D"), so one finiteness check can skip both steps
         d_loss, d_logs = self.loss.discriminator_loss(x, xrec, step)
-        opt_d.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)  # also drops the D gradients that the generator's g term left
         if d_loss is not None:
             self.manual_backward(d_loss)
+        guard_step(self, [g_loss, d_loss], [opt_g, opt_d])  # non-finite: gradients dropped, both steps change nothing
+        opt_g.step()
         opt_d.step()  # counted by Lightning either way, which keeps batch_step = global_step // 2
         logs["lr"] = opt_g.param_groups[0]["lr"]  # the LR this step used
         scheds = self.lr_schedulers()  # manual optimisation: we step them, once per batch
         for sched in scheds if isinstance(scheds, list) else [scheds] if scheds else []:
             sched.step()
         logs.update(d_logs)
+        logs = mean_logs_over_ranks(logs, x.device)  # the global batch's values, not rank 0's share
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(x))
         self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(x))
+
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:  # own posterior samples per rank; weights stay identical (DDP broadcast)
+            seed_per_rank(self.global_step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]

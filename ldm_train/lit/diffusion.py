@@ -13,7 +13,9 @@ from torch import nn
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
 from ldm_train.first_stage import FirstStage
+from ldm_train.lit.reliability import guard_step
 from ldm_train.sampling import generate
+from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
 
 
@@ -56,6 +58,8 @@ class DiffusionModule(L.LightningModule):
         # compiled lazily on first use; kept in a list so its parameters are not registered twice
         self._compiled: list[nn.Module] = [torch.compile(unet)] if cfg.get("compile") else []
         self.counting_flops = False  # set by MFUMonitor: count FLOPs on the eager network
+        self._step_loss: torch.Tensor | None = None  # this step's loss, for the finiteness check
+        self._step_finite = True
 
     def trainable(self) -> nn.ModuleDict:
         """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly."""
@@ -84,19 +88,43 @@ class DiffusionModule(L.LightningModule):
             mse = mse * self.schedule.min_snr_weight(t, c["min_snr_gamma"], c["prediction_type"]).to(mse)
         return mse.mean()
 
+    @staticmethod
+    def batch_latents(first_stage: FirstStage, batch: dict, sample: bool | None = None) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) of a batch of images, or of cached raw latents (data=latents)."""
+        if "latent" in batch:
+            return first_stage.from_cache(batch["latent"], batch.get("latent_std"), sample)
+        return first_stage.encode(batch["image"], sample)
+
     def condition(self, batch: dict, drop: torch.Tensor | None) -> torch.Tensor:
+        if "context" in batch:  # cached embeddings of the frozen text encoder; dropped rows get its null context
+            ctx = batch["context"]  # (B, L, dim)
+            if drop is None:
+                return ctx
+            return torch.where(drop.to(ctx.device).view(-1, 1, 1), self.text_encoder.null(len(ctx)).to(ctx), ctx)
         return self.text_encoder(list(batch["caption"]), labels=batch.get("label"), drop=drop)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        z0 = self.first_stage.encode(batch["image"])  # scaled latents (B, C, h, w)
+        z0 = self.batch_latents(self.first_stage, batch)  # scaled latents (B, C, h, w)
         drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
         loss = self.diffusion_loss(z0, self.condition(batch, drop))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(z0))
-        self.log("train/cfg_drop_fraction", drop.float().mean(), batch_size=len(z0))
+        logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
+        self.log("train/loss", logs["loss"], prog_bar=True, batch_size=len(z0))  # over the global batch
+        self.log("train/cfg_drop_fraction", logs["cfg_drop_fraction"], batch_size=len(z0))
+        self._step_loss = loss.detach()
         return loss
+
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:  # own noise, t and CFG dropout per rank; init stays identical
+            seed_per_rank(self.global_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after backward (gradients all-reduced), before clipping and the step: a non-finite step drops its gradients
+        self._step_finite = guard_step(self, [self._step_loss], [optimizer])
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        if not self._step_finite:
+            return  # a skipped step changed no weight; the EMA must not count it either
         # right after every optimizer step, identically on every rank; not in on_train_batch_end, which runs
         # after the callbacks' hook, so ModelCheckpoint would save the EMA one update behind the weights
         decay = self.ema.update(self.trainable())
@@ -104,7 +132,7 @@ class DiffusionModule(L.LightningModule):
             self.log("train/ema_decay", decay, batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z0 = self.first_stage.encode(batch["image"], sample=False)
+        z0 = self.batch_latents(self.first_stage, batch, sample=False)
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))

@@ -14,13 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
 from ldm_train.lit.mfu import MFUMonitor
+from ldm_train.lit.reliability import ReliabilityCallback
 
 log = logging.getLogger(__name__)
 
 # Lightning notices that are expected here: frozen modules (LPIPS, the first stage, frozen text encoders) sit in
 # eval mode by design, and checkpoints of manual optimisation hold the post-step state, which is what resume needs.
 _EXPECTED = (r".*module\(s\) in eval mode.*", r".*ModelCheckpoint with manual optimization.*",
-             r".*isinstance\(treespec, LeafSpec\).*")
+             r".*isinstance\(treespec, LeafSpec\).*",
+             r".*The dirpath has changed from.*")  # each run has its own folder; resuming reads another one
 
 
 class _DropTips(logging.Filter):
@@ -73,18 +75,53 @@ def build_logger(cfg: DictConfig, job_type: str):
         if mode == "offline":
             log.info("wandb runs offline (no API key or WANDB_MODE); upload later with `wandb sync %s/wandb`",
                      save_dir)
-        return WandbLogger(project=cfg.logger.project, name=f"{job_type}-{cfg.name}", job_type=job_type,
-                           save_dir=save_dir, mode=mode,
+        group = sweep_group(cfg)
+        return WandbLogger(project=cfg.logger.project, name=f"{cfg.name}-{job_type}", job_type=job_type,
+                           group=group, tags=[f"f{cfg.f}", cfg.regularizer.name], save_dir=save_dir, mode=mode,
                            config=OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
     raise ConfigError(f"unknown logger {name!r}; valid: wandb, csv, tensorboard, none")
 
 
-def build_strategy(cfg: DictConfig):
+def sweep_group(cfg: DictConfig) -> str | None:
+    """wandb group: `logger.group` when set, else the sweep folder's name in a multirun (one group per ablation)."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def finish_logger(summary: dict | None = None) -> None:
+    """End this stage's wandb run with its returned metrics as the run summary; the next stage opens its own."""
+    import sys
+
+    if "wandb" not in sys.modules:  # nothing logged to wandb in this process
+        return
+    import wandb
+
+    if wandb.run is None:
+        return
+    if summary:
+        wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    wandb.finish()
+
+
+def build_strategy(cfg: DictConfig, find_unused_parameters: bool = False):
+    """`strategy` group → Lightning strategy. `find_unused_parameters`: a stage whose backward passes each use only
+    part of the parameters (stage 1: generator, then discriminator) needs DDP to look for the unused ones."""
     s = cfg.strategy
     if s.name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=s.get("find_unused_parameters", False))
+        return DDPStrategy(find_unused_parameters=find_unused_parameters or s.get("find_unused_parameters", False),
+                           broadcast_buffers=s.get("broadcast_buffers", False))
+    if s.name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(sharding_strategy=s.get("sharding_strategy", "FULL_SHARD"))
     return s.name
 
 
@@ -96,18 +133,31 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return "bf16-mixed" if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def global_batch(trainer: L.Trainer, batch_size: int, stage: str) -> int:
+    """Images per optimizer step = batch per device × devices × nodes × accumulation; logged at the start."""
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    accumulate = trainer.accumulate_grad_batches
+    total = batch_size * devices * nodes * accumulate
+    log.info("%s: global batch %d = %d per device × %d device(s) × %d node(s) × %d accumulation", stage, total,
+             batch_size, devices, nodes, accumulate)
+    return total
+
+
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
                   limit_val_batches: int | None = None, max_time: str | None = None,
-                  steps_per_batch: int = 1, gradient_clip_val: float | None = None) -> L.Trainer:
+                  steps_per_batch: int = 1, gradient_clip_val: float | None = None,
+                  find_unused_parameters: bool = False, sync_batchnorm: bool = False) -> L.Trainer:
     """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`.
 
     `steps_per_batch`: optimizer steps per batch (2 in stage 1), so checkpoints follow `val_every` batches.
+    `sync_batchnorm`: Lightning converts every BatchNorm to SyncBatchNorm (GPU only; stage 1's discriminator).
     """
     quiet_lightning()
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
-    callbacks = [ckpt, *callbacks]
+    reliability = ReliabilityCallback(job_type, run_dir(cfg) / "checkpoints", t.get("max_nonfinite_steps", 10))
+    callbacks = [ckpt, reliability, *callbacks]
     if t.get("mfu", True):
         callbacks.append(MFUMonitor(t.get("peak_tflops", "auto")))
     if t.enable_progress_bar:  # the bar reads its metrics (a host sync) at each refresh: refresh when logging
@@ -115,7 +165,9 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         precision=resolve_precision(t.precision, t.accelerator),
-        strategy=build_strategy(cfg), max_steps=max_steps, max_time=max_time or t.max_time,
+        strategy=build_strategy(cfg, find_unused_parameters), sync_batchnorm=sync_batchnorm,
+        accumulate_grad_batches=t.get("accumulate_grad_batches", 1), max_steps=max_steps,
+        max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),

@@ -10,15 +10,21 @@ from torch import nn
 
 from ldm_train.losses.perceptual import build_perceptual
 from ldm_train.models.discriminator import PatchDiscriminator
+from ldm_train.utils.distributed import mean_over_ranks
 
 log = logging.getLogger(__name__)
 
 
 def adaptive_disc_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                          disc_weight: float) -> torch.Tensor:
-    """λ = clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4).detach() · disc_weight, L = the decoder's last weight."""
+    """λ = clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4).detach() · disc_weight, L = the decoder's last weight.
+
+    Under DDP both gradients are averaged over ranks first: λ is then the same on every rank and equals the
+    1-process λ of the global batch (whose losses are the mean of the ranks' losses).
+    """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    nll_grad, g_grad = mean_over_ranks(torch.stack([nll_grad, g_grad])).unbind(0)
     lam = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
     return lam * disc_weight
 

@@ -12,18 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.artifacts import atomic_write_text, save_autoencoder
 from ldm_train.config import artifacts_root, resolved_arch, run_dir
-from ldm_train.data import build_datasets, make_loader
+from ldm_train.data import build_datasets
+from ldm_train.data.distributed import trainer_loaders
+from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
-from ldm_train.lit.trainer import build_trainer, save_final_checkpoint
+from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.stages.calibrate import calibrate_module
 
 log = logging.getLogger(__name__)
-
-
-def global_batch(cfg: DictConfig, batch_size: int) -> int:
-    """Images per optimizer step across devices and nodes (this stage uses no gradient accumulation)."""
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
-    return batch_size * max(1, devices) * cfg.trainer.num_nodes
 
 
 def run(cfg: DictConfig) -> dict:
@@ -31,7 +27,15 @@ def run(cfg: DictConfig) -> dict:
     ae = cfg.autoencoder
     arch = resolved_arch(cfg)
     train_ds, val_ds = build_datasets(cfg.data)
-    gb = global_batch(cfg, ae.batch_size)
+    val_every = min(ae.val_every, ae.max_steps)
+    # DDP must look for unused parameters: the generator and the discriminator backward passes each use only
+    # their own part of the module; SyncBatchNorm only where the discriminator has BatchNorm to convert
+    trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
+                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2,
+                            callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))],
+                            find_unused_parameters=True,
+                            sync_batchnorm=bool(ae.loss.disc.get("sync_batchnorm")) and ae.loss.disc.norm == "batch")
+    gb = global_batch(trainer, ae.batch_size, "stage 1")
     lr = ae.lr * gb if ae.scale_lr else ae.lr
     log.info("stage 1: %s f=%d, %d train / %d val images, global batch %d, lr %.3g%s", arch["regularizer"]["name"],
              arch["f"], len(train_ds), len(val_ds), gb, lr, f" (= {ae.lr:g} × {gb})" if ae.scale_lr else "")
@@ -47,9 +51,6 @@ def run(cfg: DictConfig) -> dict:
     log.info("autoencoder: %.3fM parameters, latent %d×%d×%d", n_params / 1e6, arch["z_channels"],
              arch["resolution"] // arch["f"], arch["resolution"] // arch["f"])
 
-    val_every = min(ae.val_every, ae.max_steps)
-    trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
-                            limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2)
     if trainer.logger:
         trainer.logger.log_hyperparams({"perceptual": perceptual, "lr_used": lr, "global_batch": gb})
     if trainer.is_global_zero:  # the run's config with what `auto` turned into, next to Hydra's .hydra/config.yaml
@@ -57,8 +58,8 @@ def run(cfg: DictConfig) -> dict:
         resolved["autoencoder"]["loss"]["perceptual"]["resolved_weights"] = perceptual["weights"]
         resolved["autoencoder"].update(lr_used=lr, global_batch=gb)
         atomic_write_text(run_dir(cfg) / "resolved_config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    train_loader = make_loader(train_ds, ae.batch_size, True, cfg.data.num_workers, drop_last=True)
-    val_loader = make_loader(val_ds, ae.batch_size, False, cfg.data.num_workers)
+    train_loader, val_loader = trainer_loaders(trainer, train_ds, val_ds, ae.batch_size, cfg.seed,
+                                               cfg.data.num_workers)
     start = time.time()
     trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path, weights_only=True)
     train_seconds = time.time() - start

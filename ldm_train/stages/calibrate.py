@@ -5,29 +5,36 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ldm_train.artifacts import atomic_write_json, load_autoencoder
 from ldm_train.calibration import calibrate, format_report
 from ldm_train.config import autoencoder_dir
 from ldm_train.data import build_datasets
+from ldm_train.utils.distributed import rank, world_size
 
 log = logging.getLogger(__name__)
 
 
 def calibrate_module(model: torch.nn.Module, dataset, cfg: DictConfig, trainer=None) -> dict:
-    """Calibrate on up to `calibration.num_samples` images of `dataset`, split across ranks when distributed."""
+    """Calibrate on the first `calibration.num_samples` images of `dataset`, dealt round-robin to the ranks.
+
+    No padding (a DistributedSampler would repeat images to even out the ranks): the ranks' sums are all-reduced,
+    so the result is the 1-process value on exactly the same images, on every rank.
+    """
     c = cfg.autoencoder.calibration
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    sampler = DistributedSampler(dataset, shuffle=False) if world > 1 else None
-    loader = DataLoader(dataset, batch_size=c.batch_size, sampler=sampler, shuffle=False)
+    if isinstance(dataset, IterableDataset):  # shard streams split themselves over ranks
+        n = min(c.num_samples, len(dataset)) // world_size()
+        loader = DataLoader(dataset, batch_size=c.batch_size)
+    else:
+        n = len(range(rank(), min(c.num_samples, len(dataset)), world_size()))
+        loader = DataLoader(Subset(dataset, range(rank(), min(c.num_samples, len(dataset)), world_size())),
+                            batch_size=c.batch_size, shuffle=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cal = calibrate(model, loader, max(1, c.num_samples // world), device)
+    cal = calibrate(model, loader, n, device)
     model.train(was_training)
     log.info(format_report(cal))
     return cal

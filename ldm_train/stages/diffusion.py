@@ -7,14 +7,18 @@ import time
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_train.artifacts import save_diffusion
 from ldm_train.config import ConfigError, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
+from ldm_train.data.distributed import trainer_loaders
+from ldm_train.data.health import DataHealth
+from ldm_train.data.images import caption_limit
+from ldm_train.data.latents import check_cache, read_info
 from ldm_train.first_stage import FirstStage
 from ldm_train.lit.diffusion import DiffusionModule
-from ldm_train.lit.trainer import build_trainer, save_final_checkpoint
+from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.models.text import build_text_encoder
 from ldm_train.models.unet import UNet
 from ldm_train.sampling import generate
@@ -47,12 +51,18 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     d = cfg.diffusion
     first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name, d.sample_posterior)
-    train_ds, val_ds = build_datasets(cfg.data)
+    text_encoder = build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True))
+    if cfg.data.name == "latents":  # the cache must come from this autoencoder; its resolution is the run's
+        info = read_info(cfg.data)
+        check_cache(info, first_stage, OmegaConf.to_container(cfg.text_encoder, resolve=True))
+        with open_dict(cfg):
+            cfg.data.resolution = info["resolution"]
+    train_ds, val_ds = build_datasets(cfg.data, caption_limit(text_encoder))
     probe = next(iter(make_loader(train_ds, max(d.batch_size, 16), True)))
-    stats = first_stage.health_check(probe["image"], tuple(d.latent_std_range))
+    latents = DiffusionModule.batch_latents(first_stage, probe) if "latent" in probe else None
+    stats = first_stage.health_check(probe.get("image"), tuple(d.latent_std_range), latents)
     log.info("latent health check passed: scaled mean %.3f std %.3f (scale_factor %.5f)", stats["scaled_mean"],
              stats["scaled_std"], stats["scale_factor"])
-    text_encoder = build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True))
     unet = build_unet(OmegaConf.to_container(cfg.unet, resolve=True), first_stage.latent_channels, text_encoder.dim)
     log.info("U-Net %.2fM parameters; text encoder %s (dim %d, %s)", sum(p.numel() for p in unet.parameters()) / 1e6,
              cfg.text_encoder.name, text_encoder.dim, "trained jointly" if text_encoder.trainable else "frozen")
@@ -63,11 +73,12 @@ def run(cfg: DictConfig) -> dict:
                              cfg.data.resolution, out_dir=str(run_dir(cfg)), alignment_fn=alignment,
                              channels_last=cfg.trainer.get("channels_last", True))
     trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
-                            limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None)
+                            limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None,
+                            callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))])
+    global_batch(trainer, d.batch_size, "stage 2")
+    train_loader, val_loader = trainer_loaders(trainer, train_ds, val_ds, d.batch_size, cfg.seed, cfg.data.num_workers)
     start = time.time()
-    trainer.fit(module, make_loader(train_ds, d.batch_size, True, cfg.data.num_workers, drop_last=True),
-                make_loader(val_ds, d.batch_size, False, cfg.data.num_workers), ckpt_path=cfg.ckpt_path,
-                weights_only=True)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path, weights_only=True)
     train_seconds = time.time() - start
     save_final_checkpoint(trainer, cfg)
     metrics = {"train_seconds": train_seconds, "steps": trainer.global_step,

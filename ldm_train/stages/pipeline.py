@@ -1,4 +1,4 @@
-"""`stage=pipeline`: stage 1 (+ calibration) → stage 2 → samples and caption alignment, in one job."""
+"""`stage=pipeline`: stage 1 (+ calibration) → stage 2 → samples → evaluate, in one job (one row of the f ablation)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import time
 
 from omegaconf import DictConfig, open_dict
 
-from ldm_train.artifacts import ArtifactError, atomic_write_json, load_autoencoder
+from ldm_train.artifacts import ArtifactError, load_autoencoder
 from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
+from ldm_train.lit.trainer import finish_logger
 from ldm_train.stages import autoencoder as stage1
 from ldm_train.stages import diffusion as stage2
+from ldm_train.stages import evaluate as evaluate_stage
 from ldm_train.stages import sample as sample_stage
+from ldm_train.utils.distributed import rank
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +33,44 @@ def reusable_autoencoder(cfg: DictConfig) -> dict | None:
     return json.loads((path / "metrics.json").read_text())
 
 
+def ms_per_step(metrics: dict) -> float | None:
+    steps, seconds = metrics.get("steps"), metrics.get("train_seconds")
+    return 1000 * seconds / steps if steps and seconds is not None else None
+
+
 def run(cfg: DictConfig) -> dict:
     start = time.time()
+    evaluate_stage.feature_network(cfg)  # fails now, not after training, when the FID network is unavailable
     ae_metrics = reusable_autoencoder(cfg) if cfg.pipeline.reuse_autoencoder else None
+    reused = ae_metrics is not None
     if ae_metrics is None:
         log.info("== stage 1: autoencoder %s_f%s ==", cfg.regularizer.name, cfg.f)
         ae_metrics = stage1.run(cfg)
+        finish_logger(ae_metrics)  # each stage is its own wandb run in the sweep's group
     else:
         log.info("== stage 1: reusing %s ==", autoencoder_dir(cfg))
     log.info("== stage 2: latent diffusion ==")
     d_metrics = stage2.run(cfg)
+    finish_logger(d_metrics)
+    if rank() != 0:  # under DDP the other ranks stop here: samples, grid and metrics.json are written once
+        return d_metrics
     log.info("== samples ==")
     with open_dict(cfg):
         cfg.out_dir = str(run_dir(cfg) / "samples")
     samples = sample_stage.run(cfg)
+    log.info("== evaluate ==")
+    with open_dict(cfg):
+        cfg.eval.target = "both"
+    e_metrics = evaluate_stage.run(cfg)
     metrics = {"recon_psnr": ae_metrics.get("psnr"), "scale_factor": ae_metrics.get("scale_factor"),
                **{k: v for k, v in d_metrics.items() if k.startswith("caption_alignment")},
+               **e_metrics,  # recon_psnr over the whole validation set replaces stage 1's few-batch value
+               "autoencoder_reused": reused,
                "autoencoder_train_seconds": ae_metrics.get("train_seconds"),
+               "autoencoder_ms_per_step": ms_per_step(ae_metrics),
                "diffusion_train_seconds": d_metrics.get("train_seconds"),
+               "diffusion_ms_per_step": ms_per_step(d_metrics),
                "grid": samples["grid"], "wall_seconds": time.time() - start}
-    out = run_dir(cfg) / "metrics.json"
-    atomic_write_json(out, metrics)
     log.info("pipeline done in %.0f s\n  samples: %s\n  metrics: %s\n%s", metrics["wall_seconds"], samples["grid"],
-             out, json.dumps(metrics, indent=1))
+             run_dir(cfg) / "metrics.json", json.dumps(metrics, indent=1))
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -16,9 +17,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).cpu().numpy()
 
 
+def save_image(img: Image.Image, path: Path) -> Path:
+    """PNG-encode in memory, then write atomically: an interrupted write leaves the previous file intact."""
+    from ldm_train.artifacts import atomic_write_bytes
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 def save_png(x: torch.Tensor, path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(x)).save(path)
+    save_image(Image.fromarray(to_uint8(x)), path)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, captions: list[str] | None = None,
@@ -46,7 +56,4 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, captions: list[str]
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None,
               scale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, nrow, captions, scale).save(path)
-    return path
+    return save_image(make_grid(images, nrow, captions, scale), path)

@@ -1,0 +1,100 @@
+"""The latent cache: shards of raw (unscaled) stage-1 latents, written once by `stage=cache_latents`.
+
+Layout of a cache folder:
+    cache.json          autoencoder path + content hash, f, regularizer, latent shape, dtype, sample counts,
+                        and the text encoder config when its embeddings are cached
+    train-000000.tar …  per sample: mean.npy + std.npy (KL posterior) or zq.npy (VQ), txt, cls, [ctx.npy]
+    val-000000.tar …
+Raw latents only: FirstStage.from_cache applies the scale factor (and samples z ~ N(mean, std²) for KL), so the
+factor is applied exactly once whether stage 2 reads images or this cache.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm_train.data.images import Counts, SkipSample, decode_caption
+from ldm_train.data.webdataset import ShardStream, expand_urls
+
+INFO_FILE = "cache.json"
+
+
+class CacheError(RuntimeError):
+    """A latent cache that does not belong to this run's autoencoder (or text encoder)."""
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> torch.Tensor:
+    """.npy bytes → float32 tensor; no pickles."""
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+
+
+class LatentSampleDecoder:
+    """A cache sample → {"latent" (C, h, w), ["latent_std"], ["context"], "caption", "label"}."""
+
+    def __call__(self, sample: dict, counts: Counts) -> dict:
+        try:
+            if "zq.npy" in sample:
+                item = {"latent": load_npy(sample["zq.npy"])}
+            else:
+                item = {"latent": load_npy(sample["mean.npy"]), "latent_std": load_npy(sample["std.npy"])}
+            if "ctx.npy" in sample:
+                item["context"] = load_npy(sample["ctx.npy"])
+        except (KeyError, ValueError, OSError) as err:
+            raise SkipSample("unreadable_shard", f"latent sample {sample.get('__key__')}: {err}") from err
+        label = sample.get("cls")
+        item.update(caption=decode_caption(sample.get("txt"), counts),
+                    label=int(label) if label is not None and label.strip().isdigit() else 0)
+        return item
+
+
+def info_path(cfg) -> Path:
+    """cache.json: `data.info`, or next to the first training shard."""
+    if cfg.get("info"):
+        return Path(cfg.info)
+    first = expand_urls(cfg.urls)[0]
+    if first.startswith("pipe:"):
+        raise CacheError(f"data.urls={cfg.urls!r} is a pipe: set data.info=/path/to/{INFO_FILE}")
+    return Path(first.removeprefix("file:")).parent / INFO_FILE
+
+
+def read_info(cfg) -> dict:
+    path = info_path(cfg)
+    if not path.is_file():
+        raise CacheError(f"no latent cache description at {path}: build the cache with `python -m ldm_train "
+                         "stage=cache_latents f=<f> regularizer=<kl|vq> data=<source>` (or set data.info=)")
+    return json.loads(path.read_text())
+
+
+def check_cache(info: dict, first_stage, text_encoder_cfg: dict | None = None) -> None:
+    """Refuse a cache written with another autoencoder (content hash) or, for cached embeddings, text encoder."""
+    ours = first_stage.content_hash
+    if info["autoencoder_hash"] != ours:
+        raise CacheError(
+            f"the latent cache was written with the autoencoder {info['autoencoder_path']} (content hash "
+            f"{info['autoencoder_hash'][:12]}…), but this run uses {first_stage.path} ({ours[:12]}…). "
+            f"Rebuild it: python -m ldm_train stage=cache_latents f={info['f']} regularizer={info['regularizer']}")
+    if info.get("text_encoder") and text_encoder_cfg is not None and info["text_encoder"] != text_encoder_cfg:
+        raise CacheError(f"the cache holds embeddings of text encoder {info['text_encoder']}, but this run uses "
+                         f"{text_encoder_cfg}: rebuild the cache with this text_encoder, or without "
+                         "cache.text_embeddings")
+
+
+def latent_streams(cfg) -> tuple[ShardStream, ShardStream]:
+    """(train, val) streams for `data=latents` (val: `data.val_urls`, else the training shards unshuffled)."""
+    decode = LatentSampleDecoder()
+    train = ShardStream(cfg.urls, decode, epoch_size=cfg.get("epoch_size"), shardshuffle=cfg.shardshuffle,
+                        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+    val = ShardStream(cfg.val_urls or cfg.urls, decode, epoch_size=cfg.val_size, shardshuffle=False,
+                      shuffle_buffer=0, seed=cfg.seed)
+    return train, val

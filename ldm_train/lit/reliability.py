@@ -1,0 +1,286 @@
+"""Runs that survive interruption and bad numbers: exact resume, preemption signals, non-finite steps.
+
+- Exact resume: the RNG state after every training step is kept and put back before the next one (so validation,
+  loader start-up and anything else between steps never shifts the training noise), saved per rank in each
+  checkpoint and restored on resume; the training loader's position in its epoch is saved (data/resumable.py).
+- Preemption: SIGTERM and SIGUSR1 (SLURM's warning signal) save `checkpoints/last.ckpt` at the end of the current
+  batch and exit with status 0. Lightning 2.6 alone, outside SLURM auto-requeue, only stops on SIGTERM without
+  saving, and dies on SIGUSR1 (the default action).
+- Non-finite loss or gradients: the optimizer step changes nothing (gradients dropped; Lightning still counts the
+  step), the count is logged (`train/nonfinite_steps`), and after `trainer.max_nonfinite_steps` in a row the run
+  stops with NonFiniteError; a checkpoint with non-finite weights is never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from ldm_train.data.resumable import ResumableLoader
+
+log = logging.getLogger(__name__)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradients."""
+
+
+class Preempted(SystemExit):
+    """A preemption signal arrived; a checkpoint was saved. Exits the process with status 0."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def step_is_finite(losses: list[torch.Tensor | None], params: list[torch.Tensor]) -> bool:
+    """True when every loss and every gradient of `params` is finite, identically on every rank.
+
+    The one host synchronisation of a training step (the `bool()` at the end): skipping a step must be decided on
+    the host. Gradients are checked through their total norm (non-finite iff some element is; a norm that
+    overflows fp32 counts as non-finite too, which is no loss).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    terms = [loss.detach().float().reshape(()) for loss in losses if loss is not None]
+    if grads:
+        terms.append(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False).float())
+    if not terms:
+        return True
+    ok = torch.isfinite(torch.stack(terms)).all().to(torch.int32)
+    if _distributed():  # grads are already all-reduced, the losses are not: every rank must decide the same
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+class ReliabilityCallback(Callback):
+    """Exact resume (RNG and data position), preemption checkpoints, and the non-finite step budget."""
+
+    def __init__(self, stage: str, checkpoint_dir: str | Path, max_nonfinite_steps: int = 10):
+        self.stage = stage
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self._rng: dict | None = None  # RNG state after the last training step (or restored from a checkpoint)
+        self._signal: int | None = None
+        self._previous_handlers: dict = {}
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    def record_step(self, finite: bool, step: int) -> None:
+        """Count a step; raise NonFiniteError after `max_nonfinite_steps` non-finite steps in a row."""
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        log.warning("step %d: non-finite loss or gradients, the update was skipped (%d in a row, %d in all)",
+                    step, self.nonfinite_in_a_row, self.nonfinite_total)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            last = self.checkpoint_dir / "last.ckpt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise NonFiniteError(
+                f"training stopped at step {step}: {self.nonfinite_in_a_row} optimizer steps in a row had a "
+                f"non-finite loss or gradients (trainer.max_nonfinite_steps={self.max_nonfinite_steps}); they were "
+                f"skipped, so the weights are those of the last finite step; {kept}. Fix: lower the learning rate, "
+                "clip gradients (diffusion.grad_clip), train in 32-true or bf16-mixed rather than 16-mixed, check "
+                "the data for NaN/inf; then resume with ckpt_path=last")
+
+    # ------------------------------------------------------------------ RNG and data position
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._rng is not None:  # whatever ran since the last step (validation, a new loader) drew from the RNG
+            _set_rng_state(self._rng)
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.batches_done = batch_idx + 1  # batch_idx counts from the epoch start, also across a resume
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        # runs before ModelCheckpoint's hook (Lightning puts checkpoint callbacks last), so its save sees this state
+        self._rng = _rng_state()
+        pl_module.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False,
+                      batch_size=1)
+        if self._preempted(trainer):
+            path = self.checkpoint_dir / "last.ckpt"
+            trainer.save_checkpoint(path)
+            log.warning("received %s: saved %s at step %d; resume with ckpt_path=%s (or ckpt_path=last)",
+                        signal.Signals(self._signal or signal.SIGTERM).name, path, trainer.global_step, path)
+            raise Preempted()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = self._rng if self._rng is not None else _rng_state()
+        if _distributed():  # every rank has its own RNG stream; the file is written by rank 0
+            states: list = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
+        checkpoint["ldm_train"] = {"stage": self.stage}
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({', '.join(bad[:5])}); "
+                                 f"the previous checkpoint in {self.checkpoint_dir} is kept")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            self._rng = states[trainer.global_rank] if trainer.global_rank < len(states) else states[0]
+
+    def state_dict(self) -> dict:
+        return {"nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+
+    # ------------------------------------------------------------------ preemption signals
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning registered its own handlers (which only stop on SIGTERM, without a checkpoint)
+        self._signal = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPTION_SIGNALS:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signal = signum  # acted on at the end of the current batch, where the state is consistent
+
+    def _preempted(self, trainer: L.Trainer) -> bool:
+        flag = self._signal is not None
+        if _distributed():  # the signal may reach one rank only; all must save and stop together
+            t = torch.tensor(int(flag), device=trainer.strategy.root_device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t)
+        return flag
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for sig, handler in self._previous_handlers.items():
+            if threading.current_thread() is threading.main_thread() and handler is not None:
+                signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+
+def reliability_of(module: L.LightningModule) -> ReliabilityCallback | None:
+    trainer = module._trainer
+    if trainer is None:
+        return None
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ReliabilityCallback)), None)
+
+
+def guard_step(module: L.LightningModule, losses: list[torch.Tensor | None], optimizers: list) -> bool:
+    """Check a step after backward; when it is not finite, drop every gradient so the optimizer steps change nothing.
+
+    Returns whether the step is finite. Call once per training step (it synchronises with the host once).
+    """
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    finite = step_is_finite(losses, params)
+    if not finite:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    callback = reliability_of(module)
+    if callback is not None:
+        callback.record_step(finite, module.global_step)
+    elif not finite:
+        log.warning("step %d: non-finite loss or gradients, the update was skipped", module.global_step)
+    return finite
+
+
+# ---------------------------------------------------------------------------------------------- ckpt_path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the fix."""
+
+
+def find_last_checkpoint(run_dir: Path, stage: str, name: str) -> Path | None:
+    """The newest `checkpoints/last.ckpt` among this run's folder and its siblings that ran the same stage and name.
+
+    Hydra gives every run its own folder (`outputs/<stage>/<name>/<time>/`), so the run to continue is a sibling;
+    a folder whose `.hydra/config.yaml` names another stage or name is skipped (e.g. other jobs of a sweep).
+    """
+    from omegaconf import OmegaConf
+
+    found = []
+    for ckpt in {run_dir / "checkpoints" / "last.ckpt", *run_dir.parent.glob("*/checkpoints/last.ckpt")}:
+        if not ckpt.is_file():
+            continue
+        hydra_cfg = ckpt.parent.parent / ".hydra" / "config.yaml"
+        if hydra_cfg.is_file():
+            try:
+                other = OmegaConf.load(hydra_cfg)
+                same = other.get("stage") == stage and str(other.get("name")) == str(name)
+            except Exception:  # unreadable: judge by the folder alone
+                same = True
+            if not same:
+                continue
+        found.append(ckpt)
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def resolve_checkpoint(cfg) -> str | None:
+    """`ckpt_path` made concrete and checked before anything heavy starts: `last` → a file (see
+    find_last_checkpoint), the file must exist, load without running code, and come from this stage."""
+    import pickle
+
+    from ldm_train.config import ConfigError, run_dir
+
+    requested = cfg.get("ckpt_path")
+    if requested is None:
+        return None
+    if cfg.stage not in ("autoencoder", "diffusion"):
+        raise ConfigError(f"ckpt_path resumes stage=autoencoder or stage=diffusion, not stage={cfg.stage}; resume "
+                          "the interrupted stage on its own (e.g. stage=diffusion ckpt_path=last), then run the rest")
+    if str(requested) == "last":
+        here = run_dir(cfg)
+        path = find_last_checkpoint(here, cfg.stage, cfg.name)
+        if path is None:
+            raise CheckpointError(
+                f"ckpt_path=last: no checkpoints/last.ckpt of an earlier stage={cfg.stage} name={cfg.name} run next "
+                f"to {here} (looked in {here.parent}/*/checkpoints/). Start without ckpt_path, or give the file: "
+                "ckpt_path=outputs/<stage>/<name>/<time>/checkpoints/last.ckpt")
+        log.info("ckpt_path=last → %s", path)
+    else:
+        path = Path(str(requested)).expanduser().resolve()
+        if not path.is_file():
+            raise CheckpointError(f"ckpt_path={requested}: no such file; give an existing checkpoint (e.g. "
+                                  "outputs/<stage>/<name>/<time>/checkpoints/last.ckpt) or ckpt_path=last")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects that would run code when unpickled, so it is not "
+            f"a checkpoint written by ldm_train (torch.load(weights_only=True) rejected it: {str(exc)[:300]}). "
+            "Only resume from checkpoints you trust") from exc
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}; the file is corrupt or not a checkpoint — "
+                              "resume from another one (checkpoints/last.ckpt of an earlier run)") from exc
+    stage = checkpoint.get("ldm_train", {}).get("stage") if isinstance(checkpoint, dict) else None
+    if stage is not None and stage != cfg.stage:
+        raise CheckpointError(f"{path} is a stage={stage} checkpoint; resume it with stage={stage}, or give a "
+                              f"stage={cfg.stage} checkpoint")
+    return str(path)

@@ -1,0 +1,110 @@
+"""`stage=cache_latents`: encode a dataset once with the calibrated stage-1 artifact into latent shards.
+
+Images are center-cropped and not flipped (augmentation would be frozen into the cache). The cache is written to
+a temporary folder and renamed into place, with cache.json holding the autoencoder's content hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldm_train.artifacts import atomic_write_dir, atomic_write_json
+from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir
+from ldm_train.data import build_datasets, make_loader
+from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, summarize
+from ldm_train.data.latents import INFO_FILE, npy_bytes
+from ldm_train.first_stage import FirstStage
+from ldm_train.models.text import build_text_encoder
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    out = cfg.cache.get("out")
+    return Path(out).resolve() if out else artifacts_root(cfg) / "latents" / f"{cfg.name}_{cfg.data.name}"
+
+
+def source_config(data: DictConfig) -> DictConfig:
+    """The data config read once, in order, unaugmented: every sample exactly once."""
+    data = data.copy()
+    with open_dict(data):
+        for key, value in (("random_crop", False), ("flip", False), ("shardshuffle", False), ("shuffle_buffer", 0)):
+            if key in data:
+                data[key] = value
+    return data
+
+
+@torch.no_grad()
+def write_split(dataset, pattern: str, first_stage: FirstStage, text_encoder, cfg: DictConfig,
+                device: torch.device) -> dict:
+    """Encode one split into shards `pattern`; returns its counts (samples and bad inputs by reason)."""
+    c = cfg.cache
+    dtype = "float16" if c.fp16 else "float32"
+    totals = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
+    index = 0
+    with wds.ShardWriter(pattern, maxcount=c.shard_size, verbose=0) as sink:
+        for batch in make_loader(dataset, c.batch_size, False, cfg.data.num_workers):
+            latent, std = first_stage.raw_latents(batch["image"].to(device))  # (B, C, h, w) each
+            ctx = text_encoder.encode(list(batch["caption"])) if text_encoder is not None else None
+            labels = batch.get("label", torch.zeros(len(latent), dtype=torch.long))
+            for i in range(len(latent)):
+                key = batch["key"][i] if "key" in batch else f"{index:09d}"
+                sample = {"__key__": key, "txt": batch["caption"][i], "cls": str(int(labels[i]))}
+                if std is None:
+                    sample["zq.npy"] = npy_bytes(latent[i].cpu().numpy().astype(dtype))
+                else:
+                    sample["mean.npy"] = npy_bytes(latent[i].cpu().numpy().astype(dtype))
+                    sample["std.npy"] = npy_bytes(std[i].cpu().numpy().astype(dtype))
+                if ctx is not None:
+                    sample["ctx.npy"] = npy_bytes(ctx[i].cpu().numpy().astype(dtype))
+                sink.write(sample)
+                index += 1
+            if COUNTS_KEY in batch:
+                totals += batch[COUNTS_KEY].sum(0)
+            else:
+                totals[0] += len(latent)
+    return summarize(totals)
+
+
+def run(cfg: DictConfig) -> dict:
+    if cfg.data.name == "latents":
+        raise ConfigError("stage=cache_latents reads images: choose data=shapes, folder or webdataset")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name).to(device)
+    text_encoder, te_cfg = None, None
+    if cfg.cache.text_embeddings:
+        te_cfg = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+        text_encoder = build_text_encoder(te_cfg).to(device)
+        if text_encoder.trainable:
+            raise ConfigError(f"cache.text_embeddings=true needs a frozen text encoder; {cfg.text_encoder.name} "
+                              "trains with the U-Net (use text_encoder=minilm or clip_l, or "
+                              "cache.text_embeddings=false)")
+    train_ds, val_ds = build_datasets(source_config(cfg.data))
+    out = cache_dir(cfg)
+    counts: dict[str, dict] = {}
+
+    def write(tmp: Path) -> None:
+        for split, ds in (("train", train_ds), ("val", val_ds)):
+            counts[split] = write_split(ds, str(tmp / f"{split}-%06d.tar"), first_stage, text_encoder, cfg, device)
+            log.info("cached %s: %s", split, counts[split])
+        shards = {s: sorted(p.name for p in tmp.glob(f"{s}-*.tar")) for s in ("train", "val")}
+        c, h = first_stage.latent_shape(cfg.data.resolution)[0], cfg.data.resolution // first_stage.downsample_factor
+        atomic_write_json(tmp / INFO_FILE, {
+            "autoencoder_path": str(first_stage.path), "autoencoder_hash": first_stage.content_hash,
+            "f": int(cfg.f), "regularizer": cfg.regularizer.name, "latent_shape": [c, h, h],
+            "resolution": int(cfg.data.resolution), "dtype": "float16" if cfg.cache.fp16 else "float32",
+            "stores": "mean+std" if cfg.regularizer.name == "kl" else "z_q", "scaled": False,
+            "data": cfg.data.name, "counts": counts, "shards": shards, "text_encoder": te_cfg})
+
+    atomic_write_dir(out, write)
+    n_train, n_val = (len(list(out.glob(f"{s}-*.tar"))) for s in ("train", "val"))
+    log.info("wrote latent cache %s; train stage 2 on it with:\n  python -m ldm_train stage=diffusion f=%s "
+             "regularizer=%s data=latents 'data.urls=\"%s/train-{000000..%06d}.tar\"' "
+             "'data.val_urls=\"%s/val-{000000..%06d}.tar\"'", out, cfg.f, cfg.regularizer.name, out, n_train - 1,
+             out, n_val - 1)
+    return {"out": str(out), "train": counts["train"], "val": counts["val"]}

@@ -1,0 +1,140 @@
+"""stage=cache_latents and data=latents: a cached batch equals on-the-fly encoding (fp16 tolerance), the scale
+factor is applied once, a cache of another autoencoder is refused, and stage 2 trains on the cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from ldm_train.__main__ import run
+from ldm_train.artifacts import save_autoencoder
+from ldm_train.config import ConfigError, resolved_arch
+from ldm_train.data import build_datasets, make_loader
+from ldm_train.data.latents import CacheError, check_cache, read_info
+from ldm_train.data.shapes import ShapesDataset
+from ldm_train.first_stage import FirstStage
+from ldm_train.lit.diffusion import DiffusionModule
+from ldm_train.models.autoencoder import Autoencoder
+from tests.conftest import compose_cfg, smoke_overrides
+
+SCALE = 2.5  # a made-up scale factor: what matters is that it is applied exactly once
+
+
+def random_artifact(root: Path, regularizer: str) -> Path:
+    """An untrained smoke-size autoencoder artifact with a known scale factor (no training needed)."""
+    torch.manual_seed(0)
+    arch = resolved_arch(compose_cfg([*smoke_overrides(root), f"regularizer={regularizer}"]))
+    path = root / f"{regularizer}_ae"
+    save_autoencoder(path, Autoencoder(arch), arch, {"scale_factor": SCALE, "raw_std": 1 / SCALE}, {})
+    return path
+
+
+def cache(root: Path, ae: Path, regularizer: str, *extra: str) -> tuple[Path, dict]:
+    out = root / "cache"
+    metrics = run(compose_cfg([*smoke_overrides(root), "stage=cache_latents", f"regularizer={regularizer}",
+                               f"autoencoder.path={ae}", f"cache.out={out}", "cache.shard_size=100",
+                               "data.train_size=150", "data.val_size=20", *extra]))
+    return out, metrics
+
+
+def latents_cfg(out: Path, *extra: str):
+    return compose_cfg(["experiment=smoke", "stage=diffusion", "data=latents",
+                        f"data.urls='{out}/train-{{000000..000001}}.tar'", f"data.val_urls={out}/val-000000.tar",
+                        "data.shardshuffle=false", "data.shuffle_buffer=0", "data.num_workers=0", "data.val_size=null",
+                        *extra]).data
+
+
+@pytest.mark.parametrize("regularizer", ["kl", "vq"])
+def test_cached_batch_equals_on_the_fly_encoding(tmp_path, regularizer):
+    ae = random_artifact(tmp_path, regularizer)
+    out, metrics = cache(tmp_path, ae, regularizer)
+    assert metrics["train"] == {"samples": 150} and metrics["val"] == {"samples": 20}
+    info = json.loads((out / "cache.json").read_text())
+    assert info["stores"] == ("mean+std" if regularizer == "kl" else "z_q") and info["scaled"] is False
+    assert info["shards"]["train"] == ["train-000000.tar", "train-000001.tar"]
+    train, val = build_datasets(latents_cfg(out))
+    batch = next(iter(make_loader(train, 32, False)))
+    first_stage = FirstStage.from_artifact(ae)
+    check_cache(read_info(latents_cfg(out)), first_stage)  # same autoencoder: accepted
+    images = torch.stack([ShapesDataset(16, 150, "train", 0)[i]["image"] for i in range(32)])
+    assert batch["caption"] == [ShapesDataset(16, 150, "train", 0)[i]["caption"] for i in range(32)]
+    assert ("latent_std" in batch) == (regularizer == "kl")
+    fresh = first_stage.encode(images, sample=False)  # (B, C, h, w), scaled once
+    cached = DiffusionModule.batch_latents(first_stage, batch, sample=False)
+    tol = 2e-3 * fresh.abs().max()  # float16 keeps ~3 significant digits
+    assert cached.shape == fresh.shape and (cached - fresh).abs().max() <= tol
+    raw = first_stage.autoencoder.latent(images, sample=False)
+    assert torch.allclose(cached, raw * SCALE, atol=float(tol))  # the scale factor once, not zero or two times
+    torch.manual_seed(1)
+    fresh_sample = first_stage.encode(images, sample=True)
+    torch.manual_seed(1)
+    cached_sample = DiffusionModule.batch_latents(first_stage, batch, sample=True)
+    assert (cached_sample - fresh_sample).abs().max() <= 2 * tol  # same noise: the same posterior sample
+    if regularizer == "kl":
+        assert (fresh_sample - fresh).abs().max() > 10 * tol  # ... and it is a sample, not the mean
+    assert len(list(val)) == 20
+
+
+def test_cache_of_another_autoencoder_is_refused(tmp_path):
+    ae = random_artifact(tmp_path, "kl")
+    out, _ = cache(tmp_path, ae, "kl")
+    other = tmp_path / "other_ae"
+    shutil.copytree(ae, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(other / "model.safetensors"))
+    with pytest.raises(CacheError, match="stage=cache_latents f=4 regularizer=kl"):
+        check_cache(read_info(latents_cfg(out)), FirstStage.from_artifact(other))
+    cfg = compose_cfg(["experiment=smoke", "logger=none", "stage=diffusion", "data=latents",
+                       f"data.urls={out}/train-000000.tar", f"autoencoder.path={other}",
+                       f"paths.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(CacheError, match="content hash"):
+        run(cfg)
+
+
+def test_cache_refuses_bad_configs(tmp_path):
+    ae = random_artifact(tmp_path, "kl")
+    with pytest.raises(ConfigError, match="frozen text encoder"):
+        cache(tmp_path, ae, "kl", "cache.text_embeddings=true")  # smoke's text encoder trains jointly
+    with pytest.raises(ConfigError, match="only feeds stage=diffusion"):
+        run(compose_cfg(["experiment=smoke", "stage=autoencoder", "data=latents", "data.urls=x.tar"]))
+    assert not (tmp_path / "cache").exists()  # nothing half-written
+
+
+def test_cached_text_embeddings_and_their_null_rows(tmp_path):
+    ae = random_artifact(tmp_path, "kl")
+    out, _ = cache(tmp_path, ae, "kl", "cache.text_embeddings=true", "text_encoder=minilm",
+                   "data.train_size=8", "data.val_size=4", "cache.fp16=false")
+    from ldm_train.models.text import MiniLMTextEncoder
+
+    encoder = MiniLMTextEncoder(max_length=16)
+    cfg = latents_cfg(out, "text_encoder=minilm", f"data.urls={out}/train-000000.tar")
+    train, _ = build_datasets(cfg)
+    batch = next(iter(make_loader(train, 8, False)))
+    assert torch.allclose(batch["context"], encoder.encode(batch["caption"]), atol=1e-5)
+    drop = torch.tensor([True, False] * 4)
+    ctx = DiffusionModule.condition(SimpleNamespace(text_encoder=encoder), batch, drop)
+    assert torch.allclose(ctx[0], encoder.null(1)[0], atol=1e-5) and torch.equal(ctx[1], batch["context"][1])
+    with pytest.raises(CacheError, match="text encoder"):
+        check_cache(read_info(cfg), FirstStage.from_artifact(ae), {"name": "clip_l"})
+
+
+def test_stage2_trains_on_the_latent_cache(smoke_autoencoder, tmp_path):
+    out, _ = cache(tmp_path, smoke_autoencoder["artifact"], "kl", "cache.fp16=true")
+    artifacts = tmp_path / "artifacts2"
+    metrics = run(compose_cfg(["experiment=smoke", "logger=none", "stage=diffusion", "data=latents",
+                               f"data.urls='{out}/train-{{000000..000001}}.tar'", f"data.val_urls={out}/val-000000.tar",
+                               "data.num_workers=0", "diffusion.max_steps=4", "diffusion.val_every=4",
+                               f"autoencoder.path={smoke_autoencoder['artifact']}",
+                               f"paths.artifacts={artifacts}", f"paths.run_dir={tmp_path / 'run'}"]))
+    assert metrics["steps"] == 4 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+    config = OmegaConf.load(artifacts / "diffusion" / "kl_f4" / "config.yaml")
+    assert config.data == "latents" and config.resolution == 16  # the resolution comes from cache.json
