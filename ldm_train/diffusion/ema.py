@@ -51,13 +51,22 @@ class EMA(nn.Module):
         self.max_decay = max_decay
         # a buffer so the warm-up position survives checkpoint / resume
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # host copy of num_updates: reading the (GPU) buffer every step would stall the host on the device
+        self._host_updates: int | None = 0
 
     def update(self, model: nn.Module) -> float:
         """One EMA step from model's current weights; returns the decay used."""
-        decay = ema_decay(int(self.num_updates), self.max_decay)
+        if self._host_updates is None:  # once after a checkpoint load
+            self._host_updates = int(self.num_updates)
+        decay = ema_decay(self._host_updates, self.max_decay)
         update_ema(self.module, model, decay)
-        self.num_updates += 1
+        self._host_updates += 1
+        self.num_updates.fill_(self._host_updates)  # a host → device write: no synchronisation
         return decay
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None  # num_updates changed under us: re-read it on the next update
 
     def train(self, mode: bool = True) -> EMA:
         # a parent's .train() must not put the EMA copy in train mode (dropout, BN)

@@ -27,11 +27,18 @@ class AutoencoderModule(L.LightningModule):
     """
 
     def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, out_dir: str | None = None,
-                 lr_schedule: str = "constant", max_steps: int = 0):
+                 lr_schedule: str = "constant", max_steps: int = 0, channels_last: bool = True,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.autoencoder = Autoencoder(arch)
+        self.channels_last = channels_last
+        if channels_last:
+            self.autoencoder.to(memory_format=torch.channels_last)
+        # kept in a list so its parameters are not registered twice; MFUMonitor's counting batch runs eagerly
+        self._compiled = [torch.compile(self.autoencoder)] if compile else []
+        self.counting_flops = False
         reduction = "sum" if arch["regularizer"]["name"] == "kl" else "mean"
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
         disc.pop("sync_batchnorm", None)  # applied by the Trainer (SyncBatchNorm conversion), not a layer option
@@ -53,9 +60,12 @@ class AutoencoderModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         opt_g, opt_d = self.optimizers()
         step = self.batch_step
-        xrec, reg_log = self.autoencoder(x)
+        net = self._compiled[0] if self._compiled and not self.counting_flops else self.autoencoder
+        xrec, reg_log = net(x)
         g_loss, logs = self.loss.generator_loss(x, xrec, reg_log, step, self.autoencoder.last_layer)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
@@ -107,8 +117,9 @@ class AutoencoderModule(L.LightningModule):
         g_params = list(self.autoencoder.parameters())
         if self.loss.logvar.requires_grad:
             g_params.append(self.loss.logvar)
-        opt_g = torch.optim.Adam(g_params, lr=self.lr, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        fused = True if self.device.type in ("cuda", "cpu") else None  # one kernel for all parameters
+        opt_g = torch.optim.Adam(g_params, lr=self.lr, betas=(0.5, 0.9), fused=fused)
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9), fused=fused)
         if self.lr_schedule == "constant":
             return [opt_g, opt_d]
         schedule = lambda s: cosine_decay(s, self.max_steps)  # noqa: E731

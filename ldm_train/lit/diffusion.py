@@ -37,8 +37,11 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 class DiffusionModule(L.LightningModule):
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, first_stage: FirstStage, cfg: dict,
-                 resolution: int, out_dir: str | None = None, alignment_fn=None):
+                 resolution: int, out_dir: str | None = None, alignment_fn=None, channels_last: bool = True):
         super().__init__()
+        self.channels_last = channels_last
+        if channels_last:  # before the EMA copy, so both share one layout
+            unet.to(memory_format=torch.channels_last)
         self.unet, self.text_encoder, self.first_stage = unet, text_encoder, first_stage
         self.cfg = cfg
         self.resolution = resolution
@@ -52,6 +55,9 @@ class DiffusionModule(L.LightningModule):
         self._trainable = [nn.ModuleDict(parts)]  # in a list: the same modules, not registered a second time
         self.ema = EMA(self.trainable(), max_decay=cfg["ema_decay"])
         self.force_drop: torch.Tensor | None = None  # tests set this to force CFG dropout
+        # compiled lazily on first use; kept in a list so its parameters are not registered twice
+        self._compiled: list[nn.Module] = [torch.compile(unet)] if cfg.get("compile") else []
+        self.counting_flops = False  # set by MFUMonitor: count FLOPs on the eager network
         self._step_loss: torch.Tensor | None = None  # this step's loss, for the finiteness check
         self._step_finite = True
 
@@ -72,7 +78,10 @@ class DiffusionModule(L.LightningModule):
         if c["offset_noise"]:
             noise = offset_noise(noise, c["offset_noise"])
         zt = self.schedule.q_sample(z0, t, noise)  # (B, C, h, w)
-        out = self.unet(zt, t, context)
+        if self.channels_last:
+            zt = zt.contiguous(memory_format=torch.channels_last)
+        net = self._compiled[0] if self._compiled and self.training and not self.counting_flops else self.unet
+        out = net(zt, t, context)
         target = self.schedule.target(z0, t, noise, c["prediction_type"])
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
         if c["min_snr_gamma"]:
@@ -163,8 +172,9 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         c = self.cfg
         params = [p for p in self.trainable().parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"], fused=fused or None)
+        # the fused kernel: one op for all parameters (CUDA, and CPU since torch 2.4), ~4x less optimizer time
+        fused = True if self.device.type in ("cuda", "cpu") else None
+        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"], fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, c["warmup_steps"], c["max_steps"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

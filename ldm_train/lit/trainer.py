@@ -8,10 +8,12 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
+from ldm_train.lit.mfu import MFUMonitor
 from ldm_train.lit.reliability import ReliabilityCallback
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,14 @@ def build_strategy(cfg: DictConfig, find_unused_parameters: bool = False):
     return s.name
 
 
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`trainer.precision: auto` → bf16-mixed where the run lands on a CUDA GPU with bf16, else 32-true."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def global_batch(trainer: L.Trainer, batch_size: int, stage: str) -> int:
     """Images per optimizer step = batch per device × devices × nodes × accumulation; logged at the start."""
     devices, nodes = trainer.num_devices, trainer.num_nodes
@@ -147,15 +157,21 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
     reliability = ReliabilityCallback(job_type, run_dir(cfg) / "checkpoints", t.get("max_nonfinite_steps", 10))
+    callbacks = [ckpt, reliability, *callbacks]
+    if t.get("mfu", True):
+        callbacks.append(MFUMonitor(t.get("peak_tflops", "auto")))
+    if t.enable_progress_bar:  # the bar reads its metrics (a host sync) at each refresh: refresh when logging
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision, t.accelerator),
         strategy=build_strategy(cfg, find_unused_parameters), sync_batchnorm=sync_batchnorm,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1), max_steps=max_steps,
         max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
-        callbacks=[ckpt, reliability, *callbacks],
+        callbacks=callbacks,
         default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
     )
 

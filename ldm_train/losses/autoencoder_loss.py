@@ -89,7 +89,7 @@ class AutoencoderLoss(nn.Module):
         factor = self.disc_factor(step)
         logs = {"rec": rec.detach().mean(), "l1": (x - xrec).detach().abs().mean(),
                 self.perceptual_name: p.detach().mean(), "nll": nll.detach(), "logvar": self.logvar.detach(),
-                "disc_factor": torch.tensor(factor)}
+                "disc_factor": factor}  # a float: a new CPU tensor per step would be a host→device copy
         logs.update({k: v.detach() for k, v in reg_log.items()})
         if factor > 0:
             g = -self.discriminator(xrec.contiguous()).mean()

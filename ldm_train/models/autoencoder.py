@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_train.models.regularizers import build_regularizer
+from ldm_train.models.upsample import Upsample
 
 
 def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
@@ -56,15 +57,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad keeps H/2 exactly
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _level_blocks(in_ch: int, out_ch: int, n: int, attn: bool, groups: int, dropout: float) -> nn.ModuleList:

@@ -61,6 +61,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(n_embed), persistent=True)  # hits since the last restart
         self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.restarted = 0
+        self._host_steps: int | None = 0  # host copy of `steps`: no device read (host sync) per training step
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Indices of the nearest codes for flat (N, C) vectors."""
@@ -90,11 +91,18 @@ class VectorQuantizer(nn.Module):
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         if self.training:
             self.usage += counts
-            self.steps += 1
-            if self.restart and int(self.steps) % self.restart_every == 0:
+            if self._host_steps is None:  # once after a checkpoint load
+                self._host_steps = int(self.steps)
+            self._host_steps += 1
+            self.steps.fill_(self._host_steps)
+            if self.restart and self._host_steps % self.restart_every == 0:
                 self.restart_dead_codes(z.detach())
         log = {"vq_loss": loss, "perplexity": perplexity, "code_usage": (counts > 0).float().mean()}
         return z_st, log
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_steps = None  # `steps` was loaded: re-read it once
 
     @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor) -> None:

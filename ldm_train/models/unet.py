@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_train.models.upsample import Upsample
+
 # SD 1.x U-Net (859.52M params); heads are a fixed count of 8 at every width, as in the original config.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "sd15": dict(in_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
@@ -171,18 +173,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H/2, W/2)."""
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour ×2 followed by a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> (B, C, 2H, 2W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNet(nn.Module):

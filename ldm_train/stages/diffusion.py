@@ -70,7 +70,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.name == "shapes":
         from ldm_train.data.shapes import caption_alignment as alignment
     module = DiffusionModule(unet, text_encoder, first_stage, OmegaConf.to_container(d, resolve=True),
-                             cfg.data.resolution, out_dir=str(run_dir(cfg)), alignment_fn=alignment)
+                             cfg.data.resolution, out_dir=str(run_dir(cfg)), alignment_fn=alignment,
+                             channels_last=cfg.trainer.get("channels_last", True))
     trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
                             limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None,
                             callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))])

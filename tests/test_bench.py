@@ -1,0 +1,72 @@
+"""scripts/bench.py compares like with like; the fast paths keep their meaning (counters across a resume, precision)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ldm_train.diffusion.ema import EMA, ema_decay
+from ldm_train.lit.trainer import resolve_precision
+from ldm_train.models.regularizers import VectorQuantizer
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_sizes_are_within_three_percent():
+    diffusers = pytest.importorskip("diffusers")
+    bench = _bench()
+    count = bench._params
+    assert count(bench.UNet(**bench.UNET_OURS)) == pytest.approx(
+        count(diffusers.UNet2DConditionModel(**bench.UNET_DIFFUSERS)), rel=0.03)
+    assert count(bench.Autoencoder(bench.AE_OURS)) == pytest.approx(
+        count(diffusers.AutoencoderKL(**bench.AE_DIFFUSERS)), rel=0.03)
+
+
+def test_missing_package_skips_the_row_with_its_name():
+    bench = _bench()
+    with pytest.raises(bench.Skip, match="no_such_package_xyz"):
+        bench._import("no_such_package_xyz")
+    b = bench.Bench("cpu", quick=True, compile_ours=False)
+    with pytest.raises(bench.Skip, match="CUDA"):
+        b.sd15()
+
+
+def test_ema_warmup_position_survives_a_state_dict_load():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, max_decay=0.999)
+    for _ in range(3):
+        ema.update(model)
+    assert int(ema.num_updates) == 3
+    fresh = EMA(model, max_decay=0.999)
+    fresh.load_state_dict(ema.state_dict())
+    assert fresh.update(model) == ema_decay(3, 0.999)  # continues at n = 3, not at 0
+    assert int(fresh.num_updates) == 4
+
+
+def test_vq_restart_clock_survives_a_state_dict_load():
+    vq = VectorQuantizer(4, 2, restart=True, restart_every=3)
+    vq.train()
+    z = torch.randn(2, 2, 2, 2)
+    vq(z)
+    vq(z)
+    fresh = VectorQuantizer(4, 2, restart=True, restart_every=3)
+    fresh.load_state_dict(vq.state_dict())
+    fresh.train()
+    fresh(z)  # the third step since the start: the restart happens now (not 3 steps after the load)
+    assert int(fresh.steps) == 3 and fresh.usage.sum() == 0  # usage is cleared by a restart only
+
+
+def test_precision_auto():
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert resolve_precision("auto", "cpu") == "32-true"
+    expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    assert resolve_precision("auto", "auto") == expected
