@@ -21,6 +21,8 @@ class MFUMonitor(L.Callback):
     recomputation under gradient checkpointing included); it is left out of the timing, as is every batch before
     it. The clock is read (and CUDA synchronised) only at logging intervals, so no step waits on the host.
     While counting, `pl_module.counting_flops` is True: a module with a compiled network runs it eagerly then.
+    The count is kept in checkpoints, so a resumed run does not count again: a batch run under FlopCounterMode can
+    differ from a plain one in the last bit (another kernel path), which would break an exact resume.
     """
 
     def __init__(self, peak_tflops: float | str | None = "auto"):
@@ -68,6 +70,16 @@ class MFUMonitor(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._restart_clock(pl_module)  # validation time is not training throughput
+
+    def state_dict(self) -> dict:
+        return {"flops_per_batch": self.flops_per_batch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.flops_per_batch = state_dict.get("flops_per_batch")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.flops_per_batch is not None:  # restored from a checkpoint: time from the first batch on
+            self._restart_clock(pl_module)
 
     def _restart_clock(self, pl_module: L.LightningModule) -> None:
         _sync(pl_module.device)
