@@ -122,6 +122,7 @@ class ShapesDataset(Dataset):
     """Deterministic procedural dataset of captioned coloured shapes."""
 
     num_classes: int = NUM_CLASSES
+    deterministic_items = True  # an item draws nothing from torch's RNG (data/resumable.py need not seed it)
 
     def __init__(self, resolution: int = 32, size: int = 10000, split: str = "train", seed: int = 0):
         if split not in _SPLITS:

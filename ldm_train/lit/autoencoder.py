@@ -41,7 +41,6 @@ class AutoencoderModule(L.LightningModule):
         self.counting_flops = False
         reduction = "sum" if arch["regularizer"]["name"] == "kl" else "mean"
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
-        disc.pop("sync_batchnorm", None)  # applied by the Trainer (SyncBatchNorm conversion), not a layer option
         self.loss = AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, perceptual=loss["perceptual"],
                                     disc=disc, disc_start=loss["disc_start"], disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],

@@ -60,7 +60,8 @@ class AutoencoderLoss(nn.Module):
         self.reduction, self.reg_weight = reduction, reg_weight
         self.perceptual_weight = perceptual["weight"]
         self.perceptual, self.perceptual_name = build_perceptual(perceptual)
-        self.discriminator = PatchDiscriminator(**disc)
+        # sync_batchnorm is applied by the Trainer (SyncBatchNorm conversion), not a layer option
+        self.discriminator = PatchDiscriminator(**{k: v for k, v in disc.items() if k != "sync_batchnorm"})
         self.disc_start, self.disc_weight, self.disc_loss_name = disc_start, disc_weight, disc_loss
         self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
 
