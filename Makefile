@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → samples + caption alignment (~7 min)
+demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → samples, caption alignment, evaluate (~8 min)
 	$(PY) -m ldm_train stage=pipeline experiment=quickstart $(DEMO_ARGS)
 
 test: setup ## Run the test suite (CPU, tiny models)
