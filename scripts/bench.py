@@ -118,10 +118,7 @@ class Bench:
         fns = {"ours": self.train_step(lambda: F.mse_loss(ours(x_cl, t, ctx).float(), x), _adamw(ours, fused=True)),
                "ref": self.train_step(lambda: F.mse_loss(ref(x, t, ctx).sample.float(), x), _adamw(ref))}
         m = self.interleaved(fns)
-        self.results.update(unet_params_ours=n_ours, unet_params_diffusers=n_ref, unet_ms_ours=1e3 * m["ours"],
-                            unet_ms_diffusers=1e3 * m["ref"], unet_step_ratio_vs_diffusers=m["ours"] / m["ref"])
-        self.row(f"U-Net train step (batch {b})", f"{1e3 * m['ours']:.1f} ms", f"{1e3 * m['ref']:.1f} ms",
-                 f"ratio {m['ours'] / m['ref']:.3f}  (params {n_ours / 1e6:.3f}M vs {n_ref / 1e6:.3f}M)")
+        self.versus_diffusers("unet", f"U-Net train step (batch {b})", n_ours, n_ref, m)
 
     def autoencoder(self) -> None:
         diffusers = _import("diffusers")
@@ -146,10 +143,16 @@ class Bench:
         fns = {"ours": self.train_step(ours_loss, _adam(ours, fused=True)),
                "ref": self.train_step(ref_loss, _adam(ref))}
         m = self.interleaved(fns)
-        self.results.update(ae_params_ours=n_ours, ae_params_diffusers=n_ref, ae_ms_ours=1e3 * m["ours"],
-                            ae_ms_diffusers=1e3 * m["ref"], ae_step_ratio_vs_diffusers=m["ours"] / m["ref"])
-        self.row(f"AE generator step (batch {b}, 64 px)", f"{1e3 * m['ours']:.1f} ms", f"{1e3 * m['ref']:.1f} ms",
-                 f"ratio {m['ours'] / m['ref']:.3f}  (params {n_ours / 1e6:.3f}M vs {n_ref / 1e6:.3f}M)")
+        self.versus_diffusers("ae", f"AE generator step (batch {b}, 64 px)", n_ours, n_ref, m)
+
+    def versus_diffusers(self, key: str, label: str, n_ours: int, n_ref: int, m: dict[str, float]) -> None:
+        """Record `<key>_params_*`, `<key>_ms_*`, `<key>_step_ratio_vs_diffusers` and print the row."""
+        ratio = m["ours"] / m["ref"]
+        self.results.update({f"{key}_params_ours": n_ours, f"{key}_params_diffusers": n_ref,
+                             f"{key}_ms_ours": 1e3 * m["ours"], f"{key}_ms_diffusers": 1e3 * m["ref"],
+                             f"{key}_step_ratio_vs_diffusers": ratio})
+        self.row(label, f"{1e3 * m['ours']:.1f} ms", f"{1e3 * m['ref']:.1f} ms",
+                 f"ratio {ratio:.3f}  (params {n_ours / 1e6:.3f}M vs {n_ref / 1e6:.3f}M)")
 
     def stage1(self) -> None:
         _import("lpips")
