@@ -5,14 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
+from ldm_train.utils.distributed import sum_over_ranks
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,7 +40,7 @@ def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: t
         seen += len(x)
         if seen >= num_samples:
             break
-    s, s2, n, psnr_sum = (_all_reduce(t) for t in (s, s2, n, psnr_sum))
+    s, s2, n, psnr_sum = (sum_over_ranks(t) for t in (s, s2, n, psnr_sum))
     total = n.sum()
     if total < 2:
         raise RuntimeError("calibration saw no data: check the dataset and autoencoder.calibration.num_samples")

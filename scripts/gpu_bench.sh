@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (≤ 8 min on an H100/H200), printing the table:
+#   0. scripts/mfu_probe.py: where the SD-1.5 step's GPU time goes (attention backends, kernels by kind);
 #   1. scripts/bench.py on CUDA in bf16: ours vs diffusers (U-Net, AutoencoderKL), stage-1 step, sampling,
 #      cached latents, data, and the SD-1.5-size U-Net (859.5M) train step with its MFU, eager and compiled;
 #   2. a smoke pipeline on the GPU (precision auto → bf16-mixed, fused AdamW, perf/tflops and perf/mfu logged).
@@ -38,8 +39,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no GPU"; exit 1; }
 "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 
-echo "== 1. bench.py (bf16 autocast, SD-1.5 eager + compiled)"
-timeout 330 "$PY" scripts/bench.py --device cuda --compile --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+echo "== 0. mfu_probe.py: attention backends, cudnn.benchmark, GPU time by kind of kernel (eager SD-1.5 step)"
+timeout 120 "$PY" scripts/mfu_probe.py --json "$OUT/mfu_probe.json" 2>&1 | tee "$OUT/mfu_probe.log"
+
+echo "== 1a. bench.py: SD-1.5-size U-Net train step, bf16, eager and torch.compile'd (MFU)"
+timeout 300 "$PY" scripts/bench.py --device cuda --compile --only sd15 --json "$OUT/bench_sd15.json" 2>&1 \
+  | tee "$OUT/bench_sd15.log"
+[[ ${PIPESTATUS[0]} == 0 ]] || echo "bench.py sd15 did not finish (status ${PIPESTATUS[0]})"
+
+echo "== 1b. bench.py: ours vs diffusers and the other rows, bf16 autocast"
+timeout 180 "$PY" scripts/bench.py --device cuda --only unet autoencoder stage1 sampling cached_latents data \
+  --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 [[ ${PIPESTATUS[0]} == 0 ]] || echo "bench.py did not finish (status ${PIPESTATUS[0]})"
 
 echo "== 2. smoke pipeline on the GPU (precision auto, MFU callback)"

@@ -11,6 +11,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm_train.lit.reliability import guard_step
+from ldm_train.lit.trainer import use_fused_optimizer
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 from ldm_train.models.autoencoder import Autoencoder
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
@@ -112,11 +113,24 @@ class AutoencoderModule(L.LightningModule):
         self.val_psnr.reset()
         self.val_ssim.reset()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints from before loss.logvar became shape (1,) (FSDP refuses scalars) hold a 0-d tensor and Adam state
+        state_dict = checkpoint.get("state_dict", {})
+        logvar = state_dict.get("loss.logvar")
+        if logvar is None or logvar.ndim:
+            return
+        state_dict["loss.logvar"] = logvar.reshape(1)
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for state in optimizer.get("state", {}).values():  # logvar is the only 0-d parameter
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if key in state and state[key].ndim == 0:
+                        state[key] = state[key].reshape(1)
+
     def configure_optimizers(self):
         g_params = list(self.autoencoder.parameters())
         if self.loss.logvar.requires_grad:
             g_params.append(self.loss.logvar)
-        fused = True if self.device.type in ("cuda", "cpu") else None  # one kernel for all parameters
+        fused = use_fused_optimizer(self)  # one kernel for all parameters
         opt_g = torch.optim.Adam(g_params, lr=self.lr, betas=(0.5, 0.9), fused=fused)
         opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9), fused=fused)
         if self.lr_schedule == "constant":

@@ -14,6 +14,7 @@ from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
 from ldm_train.first_stage import FirstStage
 from ldm_train.lit.reliability import guard_step
+from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
 from ldm_train.sampling import generate
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
@@ -132,6 +133,9 @@ class DiffusionModule(L.LightningModule):
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/ema_decay", decay, batch_size=1)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         z0 = self.batch_latents(self.first_stage, batch, sample=False)
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)
@@ -174,8 +178,7 @@ class DiffusionModule(L.LightningModule):
         c = self.cfg
         params = [p for p in self.trainable().parameters() if p.requires_grad]
         # the fused kernel: one op for all parameters (CUDA, and CPU since torch 2.4), ~4x less optimizer time
-        fused = True if self.device.type in ("cuda", "cpu") else None
-        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"], fused=fused)
+        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"], fused=use_fused_optimizer(self))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, c["warmup_steps"], c["max_steps"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

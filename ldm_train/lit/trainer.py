@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
@@ -129,8 +130,40 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """`trainer.precision: auto` → bf16-mixed where the run lands on a CUDA GPU with bf16, else 32-true."""
     if precision != "auto":
         return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if on_cuda(accelerator) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether `trainer.accelerator` lands this run on a CUDA GPU."""
+    return torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto")
+
+
+def use_fused_optimizer(module: L.LightningModule) -> bool | None:
+    """Fused Adam/AdamW (one kernel for all parameters) on CUDA and the CPU, except (None: torch's foreach default)
+    - under fp16 mixed precision: the grad scaler unscales inside a fused step, after clipping saw scaled gradients;
+    - under FSDP: its first step failed on an H200 ("params, grads, exp_avgs, and exp_avg_sqs must have same dtype,
+      device, and layout")."""
+    if module.device.type not in ("cuda", "cpu"):
+        return None
+    trainer = module._trainer
+    if trainer is None:
+        return True
+    if str(trainer.precision) in ("16-mixed", "16") or isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    return True
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, value: float | None, algorithm: str | None) -> None:
+    """Gradient clipping for `configure_gradient_clipping`. Lightning's mixed-precision plugin refuses any fused
+    optimizer (it assumes fp16 unscaling inside the step); with `use_fused_optimizer` the gradients here are true
+    values (bf16 has no scaler; fp16 gets an unfused optimizer, unscaled by Lightning before this hook)."""
+    if not value:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)  # no host synchronisation
 
 
 def global_batch(trainer: L.Trainer, batch_size: int, stage: str) -> int:
@@ -158,6 +191,8 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
     reliability = ReliabilityCallback(job_type, run_dir(cfg) / "checkpoints", t.get("max_nonfinite_steps", 10))
     callbacks = [ckpt, reliability, *callbacks]
+    if on_cuda(t.accelerator):
+        torch.set_float32_matmul_precision(t.get("float32_matmul_precision", "high"))
     if t.get("mfu", True):
         callbacks.append(MFUMonitor(t.get("peak_tflops", "auto")))
     if t.enable_progress_bar:  # the bar reads its metrics (a host sync) at each refresh: refresh when logging
@@ -170,7 +205,8 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
         max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic, gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
+        deterministic=t.deterministic, benchmark=bool(t.get("benchmark", True)) and not t.deterministic,
+        gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
         callbacks=callbacks,
         default_root_dir=str(run_dir(cfg)), num_sanity_val_steps=0, enable_model_summary=False,
     )

@@ -63,7 +63,8 @@ class AutoencoderLoss(nn.Module):
         # sync_batchnorm is applied by the Trainer (SyncBatchNorm conversion), not a layer option
         self.discriminator = PatchDiscriminator(**{k: v for k, v in disc.items() if k != "sync_batchnorm"})
         self.disc_start, self.disc_weight, self.disc_loss_name = disc_start, disc_weight, disc_loss
-        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+        # shape (1,), not a scalar: FSDP refuses 0-d parameters
+        self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)), requires_grad=learn_logvar)
 
     def disc_factor(self, step: int) -> float:
         """1 from `disc_start` on, 0 before: nothing adversarial happens before it."""
@@ -89,7 +90,7 @@ class AutoencoderLoss(nn.Module):
         loss = nll + self.reg_weight * reg_log[reg_key]
         factor = self.disc_factor(step)
         logs = {"rec": rec.detach().mean(), "l1": (x - xrec).detach().abs().mean(),
-                self.perceptual_name: p.detach().mean(), "nll": nll.detach(), "logvar": self.logvar.detach(),
+                self.perceptual_name: p.detach().mean(), "nll": nll.detach(), "logvar": self.logvar.detach()[0],
                 "disc_factor": factor}  # a float: a new CPU tensor per step would be a host→device copy
         logs.update({k: v.detach() for k, v in reg_log.items()})
         if factor > 0:

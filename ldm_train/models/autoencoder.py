@@ -6,16 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_train.models.norm import GroupNorm
 from ldm_train.models.regularizers import build_regularizer
 from ldm_train.models.upsample import Upsample
 
 
-def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+def group_norm(channels: int, num_groups: int) -> GroupNorm:
     """GroupNorm with an explicit group count; it is part of the architecture recorded in the artifact."""
     if channels % num_groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible by num_groups={num_groups}; "
                          "set autoencoder.num_groups to a divisor of autoencoder.ch")
-    return nn.GroupNorm(num_groups, channels, eps=1e-6)
+    return GroupNorm(num_groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_train.models.norm import GroupNorm
 from ldm_train.models.upsample import Upsample
 
 # SD 1.x U-Net (859.52M params); heads are a fixed count of 8 at every width, as in the original config.
@@ -55,9 +56,9 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-def _norm(channels: int, num_groups: int, eps: float = 1e-5) -> nn.GroupNorm:
+def _norm(channels: int, num_groups: int, eps: float = 1e-5) -> GroupNorm:
     # Widths below num_groups get one channel per group; larger widths must be divisible (checked in UNet).
-    return nn.GroupNorm(min(num_groups, channels), channels, eps=eps)
+    return GroupNorm(min(num_groups, channels), channels, eps=eps)
 
 
 class ResBlock(nn.Module):

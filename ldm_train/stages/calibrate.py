@@ -31,11 +31,13 @@ def calibrate_module(model: torch.nn.Module, dataset, cfg: DictConfig, trainer=N
         n = len(range(rank(), min(c.num_samples, len(dataset)), world_size()))
         loader = DataLoader(Subset(dataset, range(rank(), min(c.num_samples, len(dataset)), world_size())),
                             batch_size=c.batch_size, shuffle=False)
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    # after trainer.fit, Lightning's DDP teardown has moved the module to the CPU: calibrate on the run's device
+    device = trainer.strategy.root_device if trainer is not None else home
     was_training = model.training
-    model.eval()
+    model.eval().to(device)
     cal = calibrate(model, loader, n, device)
-    model.train(was_training)
+    model.train(was_training).to(home)
     log.info(format_report(cal))
     return cal
 

@@ -17,13 +17,28 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over all ranks, on t's device (a copy; `t` itself when not distributed).
+
+    NCCL reduces CUDA tensors only: a CPU tensor (after `trainer.fit`, Lightning's DDP teardown moves the module
+    back to the CPU) goes through the current GPU and comes back.
+    """
+    if world_size() == 1:
+        return t
+    on = t.device
+    if dist.get_backend() == "nccl" and on.type != "cuda":
+        work = t.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        work = t.clone()
+    dist.all_reduce(work)  # SUM: gloo has no AVG
+    return work.to(on)
+
+
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The element-wise mean of `t` over all ranks (a copy; `t` itself when not distributed)."""
     if world_size() == 1:
         return t
-    t = t.clone()
-    dist.all_reduce(t)  # SUM: gloo has no AVG
-    return t / world_size()
+    return sum_over_ranks(t) / world_size()
 
 
 def mean_logs_over_ranks(logs: dict, device: torch.device) -> dict:

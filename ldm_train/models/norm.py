@@ -1,0 +1,64 @@
+"""GroupNorm with a faster CPU backward for channels_last activations.
+
+PyTorch's CPU GroupNorm backward for channels_last tensors is several times slower than for contiguous
+ones (8 ms against 1.2 ms for an 8×32×64×64 fp32 tensor on 2 cores), and channels_last is what makes
+the convolutions fast. For large spatial sizes this module computes the backward from per-channel sums
+over a (B, HW, C) view instead: a handful of bandwidth-bound passes that stay in channels_last.
+Everything else (CUDA, contiguous inputs, small maps, no grad) goes to `F.group_norm` unchanged.
+The parameters and state-dict keys are nn.GroupNorm's, so saved artifacts load either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many pixels per map the native kernel is as fast or faster (measured on 2 cores).
+MIN_PIXELS = 1024
+
+
+class _GroupNormChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
+        b, c, h, w = x.shape
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, b, c, h * w, groups, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        # With x̂ = (x - μ)·r per (sample, group) of M elements and y = γ·x̂ + β:
+        #   dx = r·γ·dy - r·(P + x̂·Q)/M,  P = Σ γ·dy,  Q = Σ γ·dy·x̂  (sums over the group)
+        # which is dx = A[b,c]·dy + Bg[b,g]·x + Cg[b,g], built from per-channel sums over the pixels.
+        x, weight, mean, rstd = ctx.saved_tensors
+        b, c, h, w = x.shape
+        g = ctx.groups
+        cg, m = c // g, h * w * (c // g)
+        xv = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels_last x
+        dyv = dy.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        s_dy = dyv.sum(1)  # (B, C)
+        s_dyx = (dyv * xv).sum(1)  # (B, C)
+        mean_c, rstd_c = mean.repeat_interleave(cg, 1), rstd.repeat_interleave(cg, 1)  # (B, C)
+        s_dyxhat = rstd_c * (s_dyx - mean_c * s_dy)  # Σ dy·x̂ per channel
+        p = (weight * s_dy).view(b, g, cg).sum(-1)  # (B, G)
+        q = (weight * s_dyxhat).view(b, g, cg).sum(-1)
+        coef_x = (-rstd * rstd * q / m).repeat_interleave(cg, 1)  # multiplies x
+        coef_1 = (rstd * (rstd * mean * q - p) / m).repeat_interleave(cg, 1)
+        dx = dyv * (rstd_c * weight)[:, None]
+        dx.addcmul_(xv, coef_x[:, None]).add_(coef_1[:, None])
+        dx = dx.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
+        return dx, s_dyxhat.sum(0), s_dy.sum(0), None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm; channels_last CPU inputs of ≥ MIN_PIXELS pixels take the faster backward above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.ndim == 4 and x.device.type == "cpu" and self.affine and torch.is_grad_enabled()
+                and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu")
+                and x.shape[2] * x.shape[3] >= MIN_PIXELS and x.shape[1] > 1
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+            return _GroupNormChannelsLast.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
