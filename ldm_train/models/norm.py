@@ -38,15 +38,15 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         cg, m = c // g, h * w * (c // g)
         xv = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels_last x
         dyv = dy.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        s_dy = dyv.sum(1)  # (B, C)
-        s_dyx = (dyv * xv).sum(1)  # (B, C)
+        buf = torch.mul(dyv, xv)  # one (B, HW, C) buffer: dy·x for its sums, then dx
+        s_dy, s_dyx = dyv.sum(1), buf.sum(1)  # (B, C)
         mean_c, rstd_c = mean.repeat_interleave(cg, 1), rstd.repeat_interleave(cg, 1)  # (B, C)
         s_dyxhat = rstd_c * (s_dyx - mean_c * s_dy)  # Σ dy·x̂ per channel
         p = (weight * s_dy).view(b, g, cg).sum(-1)  # (B, G)
         q = (weight * s_dyxhat).view(b, g, cg).sum(-1)
         coef_x = (-rstd * rstd * q / m).repeat_interleave(cg, 1)  # multiplies x
         coef_1 = (rstd * (rstd * mean * q - p) / m).repeat_interleave(cg, 1)
-        dx = dyv * (rstd_c * weight)[:, None]
+        dx = torch.mul(dyv, (rstd_c * weight)[:, None], out=buf)
         dx.addcmul_(xv, coef_x[:, None]).add_(coef_1[:, None])
         dx = dx.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
         return dx, s_dyxhat.sum(0), s_dy.sum(0), None, None
