@@ -22,7 +22,9 @@ from ldm_train.data.resumable import ResumableSampler
 from ldm_train.lit.reliability import (
     CheckpointError,
     NonFiniteError,
+    ReliabilityCallback,
     find_last_checkpoint,
+    guard_step,
     resolve_checkpoint,
     step_is_finite,
 )
@@ -59,6 +61,67 @@ def test_step_is_finite_looks_at_losses_and_every_gradient():
     assert not step_is_finite([torch.tensor(1.0)], [a, b])
     b.grad = torch.tensor([float("nan"), 1.0])
     assert not step_is_finite([], [a, b])
+
+
+def test_fused_optimizers_skip_a_bad_step_on_the_device(monkeypatch):
+    """With fused optimizers the guard never reads the flag on the host: the steps skip themselves (found_inf) and
+    the EMA takes a 0 weight and does not count; a good step then moves both as the plain formulas say."""
+    from types import SimpleNamespace
+
+    from ldm_train.diffusion.ema import EMA, ema_decay
+
+    def guarded_step(decays: list):
+        with monkeypatch.context() as m:  # no host read of a tensor inside the guard, the step and the EMA update
+            m.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("host read of a device flag"))
+            m.setattr(torch.Tensor, "item", lambda self: pytest.fail("host read of a device flag"))
+            ok = guard_step(module, [torch.tensor(1.0)], [opt])
+            opt.step()
+            decays.append(ema.update(model, ok))
+        return ok
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    module = SimpleNamespace(_trainer=None, global_step=0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    ok = guarded_step([])
+    assert int(ok) == 0 and int(ema.num_updates) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
+    assert all(int(state["step"]) == 0 for state in opt.state.values())
+
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    decays = []
+    ok = guarded_step(decays)
+    decay = decays[0]
+    assert int(ok) == 1 and int(ema.num_updates) == 1 and float(decay) == pytest.approx(ema_decay(0))
+    for e, b, p in zip(ema.module.parameters(), before, model.parameters()):  # ema = d·ema + (1 − d)·p
+        torch.testing.assert_close(e, ema_decay(0) * b + (1 - ema_decay(0)) * p.detach())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_device_counters_catch_a_run_of_bad_steps_between_reads(tmp_path):
+    """Flags 1,0,0,1 between two reads with max 2: the run of 2 ended before the read, which still stops the run."""
+    cb = ReliabilityCallback("diffusion", tmp_path, max_nonfinite_steps=2)
+    for flag in (1, 0, 0, 1):
+        cb.record_step_on_device(torch.tensor(flag, dtype=torch.int32))
+    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
+        cb.read_counts(4)
+    assert (cb.nonfinite_total, cb.nonfinite_in_a_row) == (2, 0)
+    cb = ReliabilityCallback("diffusion", tmp_path, max_nonfinite_steps=3)
+    for flag in (0, 0, 1, 0):
+        cb.record_step_on_device(torch.tensor(flag, dtype=torch.int32))
+    cb.read_counts(4)  # runs of 2 and 1: below 3
+    for flag in (0, 0):  # with the trailing bad step before the read: 3 in a row across the read
+        cb.record_step_on_device(torch.tensor(flag, dtype=torch.int32))
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        cb.read_counts(6)
+    assert cb.nonfinite_total == 5
 
 
 def test_resumable_sampler_skips_the_consumed_part_of_its_epoch():

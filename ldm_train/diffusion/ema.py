@@ -14,8 +14,11 @@ def ema_decay(num_updates: int, max_decay: float = 0.9999) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·param for every float parameter; buffers copied."""
+def update_ema(ema_model: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
+    """ema ← decay·ema + (1 − decay)·param for every float parameter; buffers copied.
+
+    `decay` may be a 0-d device tensor (no host synchronisation); decay 1 leaves the EMA as it is.
+    """
     ema_params = dict(ema_model.named_parameters())
     params = dict(model.named_parameters())
     # every parameter by name, not just requires_grad ones: freezing a layer later
@@ -31,7 +34,10 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
             src.append(p.to(e.dtype))
         else:
             e.copy_(p)
-    if dst:
+    if dst and isinstance(decay, torch.Tensor):
+        weight = (1.0 - decay).to(dst[0].device, torch.float32)
+        torch._foreach_lerp_(dst, src, [weight.to(d.dtype).expand_as(d) for d in dst])
+    elif dst:
         torch._foreach_lerp_(dst, src, 1.0 - decay)
     ema_buffers = dict(ema_model.named_buffers())
     buffers = dict(model.named_buffers())
@@ -54,8 +60,19 @@ class EMA(nn.Module):
         # host copy of num_updates: reading the (GPU) buffer every step would stall the host on the device
         self._host_updates: int | None = 0
 
-    def update(self, model: nn.Module) -> float:
-        """One EMA step from model's current weights; returns the decay used."""
+    def update(self, model: nn.Module, finite: torch.Tensor | None = None) -> float | torch.Tensor:
+        """One EMA step from model's current weights; returns the decay used.
+
+        `finite`: a 0-d device flag (1 = the optimizer stepped); then everything stays on the device: a 0 flag
+        changes no EMA weight and does not count, and the returned decay is a device tensor.
+        """
+        if finite is not None:
+            n = self.num_updates.to(torch.float32)
+            decay = torch.clamp((1 + n) / (10 + n), max=self.max_decay)
+            update_ema(self.module, model, 1 - (1 - decay) * finite)
+            self.num_updates += finite.to(self.num_updates.dtype)
+            self._host_updates = None
+            return decay
         if self._host_updates is None:  # once after a checkpoint load
             self._host_updates = int(self.num_updates)
         decay = ema_decay(self._host_updates, self.max_decay)

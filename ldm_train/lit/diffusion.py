@@ -125,11 +125,12 @@ class DiffusionModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        if not self._step_finite:
+        finite = self._step_finite  # True/False, or a device flag (fused optimizer: decided on the device)
+        if finite is False:
             return  # a skipped step changed no weight; the EMA must not count it either
         # right after every optimizer step, identically on every rank; not in on_train_batch_end, which runs
         # after the callbacks' hook, so ModelCheckpoint would save the EMA one update behind the weights
-        decay = self.ema.update(self.trainable())
+        decay = self.ema.update(self.trainable(), None if finite is True else finite)
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/ema_decay", decay, batch_size=1)
 
