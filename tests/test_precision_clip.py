@@ -44,8 +44,8 @@ def test_fused_optimizer_off_under_fp16_only():
 
 
 def stage1_module():
-    from ldm_train.lit.autoencoder import AutoencoderModule
     from ldm_train.config import resolved_arch
+    from ldm_train.lit.autoencoder import AutoencoderModule
 
     cfg = compose_cfg(["experiment=smoke", "stage=autoencoder"])
     return AutoencoderModule(resolved_arch(cfg), OmegaConf.to_container(cfg.autoencoder.loss, resolve=True), 1e-6, 1e-3)

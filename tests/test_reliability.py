@@ -310,3 +310,38 @@ def test_png_write_failing_midway_keeps_the_previous_image(tmp_path, monkeypatch
     assert path.read_bytes() == before
     Image.open(path).load()  # still a complete PNG
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary file left behind
+
+
+def _preempt_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank; only rank 0 received the signal. The ranks must agree, and only at logging steps."""
+    import json
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cb = ReliabilityCallback("diffusion", out_dir)
+        cb._signal = signal.SIGUSR1 if rank == 0 else None
+        answers = []
+        for logging_step in (False, False, True):
+            trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=logging_step),
+                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))
+            answers.append(cb._preempted(trainer))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_preemption_is_agreed_at_logging_steps(tmp_path, monkeypatch):
+    import json
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mp.spawn(_preempt_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    answers = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert answers == [[False, False, True], [False, False, True]]  # rank 1 learns of rank 0's signal, together

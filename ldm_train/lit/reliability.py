@@ -4,8 +4,8 @@
   loader start-up and anything else between steps never shifts the training noise), saved per rank in each
   checkpoint and restored on resume; the training loader's position in its epoch is saved (data/resumable.py).
 - Preemption: SIGTERM and SIGUSR1 (SLURM's warning signal) save `checkpoints/last.ckpt` at the end of the current
-  batch and exit with status 0. Lightning 2.6 alone, outside SLURM auto-requeue, only stops on SIGTERM without
-  saving, and dies on SIGUSR1 (the default action).
+  batch (under DDP: of the next logging interval, where the ranks agree) and exit with status 0. Lightning 2.6
+  alone, outside SLURM auto-requeue, only stops on SIGTERM without saving, and dies on SIGUSR1 (the default action).
 - Non-finite loss or gradients: the optimizer step changes nothing (Lightning still counts the step), the count is
   logged (`train/nonfinite_steps`), and after `trainer.max_nonfinite_steps` in a row the run stops with
   NonFiniteError; a checkpoint with non-finite weights is never written. With fused Adam/AdamW (the default) this
@@ -219,6 +219,10 @@ class ReliabilityCallback(Callback):
     def _preempted(self, trainer: L.Trainer) -> bool:
         flag = self._signal is not None
         if _distributed():  # the signal may reach one rank only; all must save and stop together
+            # a collective read on the host: only at logging intervals (the same steps on every rank), where the
+            # host waits for the device anyway, so other steps never synchronise for it
+            if not trainer._logger_connector.should_update_logs:
+                return False
             t = torch.tensor(int(flag), device=trainer.strategy.root_device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t)
