@@ -70,3 +70,26 @@ def test_precision_auto():
     assert resolve_precision("auto", "cpu") == "32-true"
     expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     assert resolve_precision("auto", "auto") == expected
+
+
+def test_mfu_probe_sorts_kernels_by_kind():
+    """Kernel names as the H200 profile printed them (and cuBLAS/cuDNN names of the same families), labelled by hand."""
+    spec = importlib.util.spec_from_file_location("mfu_probe", Path(__file__).parents[1] / "scripts" / "mfu_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    labelled = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0":
+            "attention",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false>>": "attention",
+        "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize256x128x64": "convolution",
+        "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>": "normalisation",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>": "normalisation",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, "
+        "FusedAdamMathFunctor<float, 4, ADAM_MODE::ADAMW, false>>": "optimizer",
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_"
+        "kernel_cuda>>": "elementwise/other",
+    }
+    assert {name: probe.kind_of(name) for name in labelled} == labelled
