@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 
 echo "== 0. mfu_probe.py: attention backends, cudnn.benchmark, GPU time by kind of kernel (eager SD-1.5 step)"
-timeout 120 "$PY" scripts/mfu_probe.py --json "$OUT/mfu_probe.json" 2>&1 | tee "$OUT/mfu_probe.log"
+timeout 240 "$PY" scripts/mfu_probe.py --compiled --json "$OUT/mfu_probe.json" 2>&1 | tee "$OUT/mfu_probe.log"
 
 echo "== 1a. bench.py: SD-1.5-size U-Net train step, bf16, eager and torch.compile'd (MFU)"
 timeout 300 "$PY" scripts/bench.py --device cuda --compile --only sd15 --json "$OUT/bench_sd15.json" 2>&1 \

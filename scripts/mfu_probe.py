@@ -1,12 +1,13 @@
 """Where an SD-1.5-size U-Net train step spends its GPU time: the inputs to the MFU work of bench.py's sd15 row.
 
-    python scripts/mfu_probe.py [--batch 32] [--json FILE]      # CUDA only, about a minute
+    python scripts/mfu_probe.py [--batch 32] [--compiled] [--json FILE]      # CUDA only, about a minute
 
 1. Attention at SD-1.5's shapes (64×64 latents: 4096 tokens × 40-dim heads, then 1024 × 80, 256 × 160), forward +
    backward in bf16, per SDPA backend (flash, memory-efficient, cuDNN) and the default choice: ms and TFLOP/s.
 2. The eager bf16 train step with cuDNN's autotuner off and on (`torch.backends.cudnn.benchmark`), interleaved.
 3. One profiled eager step: GPU time by kind of kernel (convolution, matmul, attention, normalisation,
-   elementwise, optimizer) and the top kernels.
+   elementwise, optimizer, Triton-fused) and the top kernels; with --compiled, the same for a torch.compile'd step
+   (about two more minutes: compilation).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ KINDS = [("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
          ("optimizer", ("adam",)),
          ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
          ("matmul", ("gemm", "cutlass", "cublas", "nvjet", "xmma")),
+         ("triton (fused)", ("triton",)),
          ("normalisation", ("norm", "moments")),
          ("elementwise/other", ("",))]
 
@@ -98,9 +100,35 @@ def kind_of(kernel: str) -> str:
     return next(kind for kind, keys in KINDS if any(key in low for key in keys))
 
 
+def profile_step(label: str, step, flops: int, results: dict) -> None:
+    """One profiled step: GPU time by kind of kernel, and the top kernels."""
+    print(f"== 3. one profiled {label} step (cudnn.benchmark on): GPU time by kind of kernel")
+    torch.backends.cudnn.benchmark = True
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = defaultdict(float)
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels[event.key] += us
+    total = sum(kernels.values())
+    by_kind = defaultdict(float)
+    for name, us in kernels.items():
+        by_kind[kind_of(name)] += us
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        results[f"profile_{label}_{kind}_ms"] = us / 1e3
+        print(f"  {kind:<18} {us / 1e3:8.1f} ms  {us / total:6.1%}")
+    print(f"  GPU busy {total / 1e3:.1f} ms ({flops / total / 1e6:.0f} TFLOP/s over busy time); top kernels:")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"    {us / 1e3:7.2f} ms  {kind_of(name):<14} {name[:110]}")
+    results[f"profile_{label}_total_ms"] = total / 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--compiled", action="store_true", help="also profile a torch.compile'd step")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -131,27 +159,15 @@ def main() -> None:
         results[f"eager_benchmark_{flag}_ms"] = ms
         print(f"  cudnn.benchmark={flag!s:<5}  {ms:.1f} ms  {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
 
-    print("== 3. one profiled eager step (cudnn.benchmark on): GPU time by kind of kernel")
-    torch.backends.cudnn.benchmark = True
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = defaultdict(float)
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        if us > 0:
-            kernels[event.key] += us
-    total = sum(kernels.values())
-    by_kind = defaultdict(float)
-    for name, us in kernels.items():
-        by_kind[kind_of(name)] += us
-    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        results[f"profile_{kind}_ms"] = us / 1e3
-        print(f"  {kind:<18} {us / 1e3:8.1f} ms  {us / total:6.1%}")
-    print("  top kernels:")
-    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"    {us / 1e3:7.2f} ms  {kind_of(name):<14} {name[:110]}")
-    results["profile_total_ms"] = total / 1e3
+    profile_step("eager", step, flops, results)
+    if args.compiled:
+        compiled = torch.compile(unet)
+        step = train_step(compiled, opt, x, t, ctx)
+        cuda_ms(step, warmup=3, reps=1)  # compiles forward and backward
+        ms = cuda_ms(step, warmup=1, reps=5)
+        results["compiled_ms"] = ms
+        print(f"== compiled step {ms:.1f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
+        profile_step("compiled", step, flops, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
