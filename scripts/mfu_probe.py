@@ -4,7 +4,9 @@
 
 1. Attention at SD-1.5's shapes (64×64 latents: 4096 tokens × 40-dim heads, then 1024 × 80, 256 × 160), forward +
    backward in bf16, per SDPA backend (flash, memory-efficient, cuDNN) and the default choice: ms and TFLOP/s.
-2. The eager bf16 train step with cuDNN's autotuner off and on (`torch.backends.cudnn.benchmark`), interleaved.
+2. The eager bf16 train step with cuDNN's autotuner off and on (`torch.backends.cudnn.benchmark`), interleaved;
+   then with an experimental channels_last GroupNorm (`nhwc_group_norm`, probe-only: CUDA's GroupNorm works on
+   contiguous NCHW, so every call on channels_last activations copies in and out), checked against the native one.
 3. One profiled eager step: GPU time by kind of kernel (convolution, matmul, attention, normalisation,
    elementwise, optimizer, Triton-fused) and the top kernels; with --compiled, the same for a torch.compile'd step
    (about two more minutes: compilation).
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -74,6 +77,48 @@ def attention(batch: int, results: dict) -> None:
             results[f"attn_{name}_{bname}_ms"] = ms
             row.append(f"{bname} {ms:.2f} ms ({flops / ms / 1e9:.0f} TF/s)")
         print(f"  {name:<14} " + " | ".join(row), flush=True)
+
+
+def nhwc_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """GroupNorm computed in x's channels_last layout (no NCHW copies), statistics in at least fp32, output in x's
+    dtype.
+
+    Statistics from Σx and ‖x‖² per (sample, group) over the (B, HW, G, C/G) view; y = x·a + c with per-(sample,
+    channel) a, c. Autograd differentiates through it.
+    """
+    b, c, h, w = x.shape
+    xv = x.permute(0, 2, 3, 1).reshape(b, h * w, groups, c // groups)
+    m, acc = h * w * (c // groups), torch.promote_types(x.dtype, torch.float32)
+    s1 = xv.sum(dim=(1, 3), dtype=acc)  # (B, G)
+    s2 = torch.linalg.vector_norm(xv, dim=(1, 3), dtype=acc).square()
+    mean = s1 / m
+    rstd = torch.rsqrt((s2 / m - mean * mean).clamp_min(0) + eps)
+    a = (rstd[:, :, None] * weight.to(acc).view(groups, -1)).reshape(b, c)  # (B, C)
+    shift = bias.to(acc) - mean.repeat_interleave(c // groups, 1) * a
+    y = torch.addcmul(shift.to(x.dtype)[:, None, None, :], x.permute(0, 2, 3, 1), a.to(x.dtype)[:, None, None, :])
+    return y.permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
+
+
+@contextlib.contextmanager
+def nhwc_group_norm_in_models():
+    """Route ldm_train's GroupNorm through nhwc_group_norm for channels_last inputs while the block runs."""
+    from ldm_train.models import norm
+
+    native = norm.GroupNorm.forward
+
+    def forward(self, x):
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            with torch.autocast("cuda", enabled=False):
+                return nhwc_group_norm(x.to(dtype), self.num_groups, self.weight, self.bias, self.eps)
+        return native(self, x)
+
+    norm.GroupNorm.forward = forward
+    try:
+        yield
+    finally:
+        norm.GroupNorm.forward = native
 
 
 def train_step(unet, opt, x, t, ctx):
@@ -158,6 +203,26 @@ def main() -> None:
         ms = statistics.median(times[flag])
         results[f"eager_benchmark_{flag}_ms"] = ms
         print(f"  cudnn.benchmark={flag!s:<5}  {ms:.1f} ms  {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+    print("   experimental channels_last GroupNorm (probe-only), eager, interleaved with the native one")
+    gn = torch.nn.GroupNorm(32, 320).cuda()
+    probe_x = torch.randn(b, 320, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        conv_out = probe_x.to(torch.bfloat16)
+        ref = F.group_norm(conv_out, 32, gn.weight, gn.bias, gn.eps).float()
+        got = nhwc_group_norm(conv_out, 32, gn.weight, gn.bias, gn.eps).float()
+    rel = float((got - ref).norm() / ref.norm())
+    results["nhwc_group_norm_rel_err"] = rel
+    print(f"  nhwc_group_norm vs F.group_norm on bf16 input: relative error {rel:.2e}")
+    times = defaultdict(list)
+    for _ in range(3):
+        for variant in ("native", "nhwc"):
+            with nhwc_group_norm_in_models() if variant == "nhwc" else contextlib.nullcontext():
+                times[variant].append(cuda_ms(step, warmup=1, reps=3))
+    for variant in ("native", "nhwc"):
+        ms = statistics.median(times[variant])
+        results[f"eager_groupnorm_{variant}_ms"] = ms
+        print(f"  GroupNorm {variant:<7} {ms:.1f} ms  {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
 
     profile_step("eager", step, flops, results)
     if args.compiled:

@@ -72,11 +72,16 @@ def test_precision_auto():
     assert resolve_precision("auto", "auto") == expected
 
 
-def test_mfu_probe_sorts_kernels_by_kind():
-    """Kernel names as the H200 profile printed them (and cuBLAS/cuDNN names of the same families), labelled by hand."""
+def _probe():
     spec = importlib.util.spec_from_file_location("mfu_probe", Path(__file__).parents[1] / "scripts" / "mfu_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    return probe
+
+
+def test_mfu_probe_sorts_kernels_by_kind():
+    """Kernel names as the H200 profile printed them (and cuBLAS/cuDNN names of the same families), labelled by hand."""
+    probe = _probe()
     labelled = {
         "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0":
             "attention",
@@ -93,3 +98,29 @@ def test_mfu_probe_sorts_kernels_by_kind():
         "kernel_cuda>>": "elementwise/other",
     }
     assert {name: probe.kind_of(name) for name in labelled} == labelled
+
+
+def test_probe_nhwc_group_norm_matches_the_native_one():
+    """The probe's experimental channels_last GroupNorm: values and gradients against F.group_norm (float64)."""
+    import torch.nn.functional as F
+
+    from ldm_train.models.norm import GroupNorm
+
+    probe = _probe()
+    torch.manual_seed(0)
+    x = (torch.randn(2, 12, 5, 6, dtype=torch.float64) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 12, 5, 6, dtype=torch.float64)
+    got = probe.nhwc_group_norm(x, 3, w, b, 1e-5)
+    want = F.group_norm(x, 3, w, b, 1e-5)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for g, r in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
+        torch.testing.assert_close(g, r)
+    gn = GroupNorm(3, 12).double()
+    with probe.nhwc_group_norm_in_models():
+        routed = gn(x)
+    torch.testing.assert_close(routed, F.group_norm(x, 3, gn.weight, gn.bias, gn.eps))
+    assert GroupNorm.forward is not probe.nhwc_group_norm  # put back after the block
