@@ -14,8 +14,10 @@ from ldm_train.lit.trainer import resolve_precision
 from ldm_train.models.regularizers import VectorQuantizer
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "scripts" / "bench.py")
+def _script(name: str):
+    """Import scripts/<name>.py (the scripts folder is not a package)."""
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -23,7 +25,7 @@ def _bench():
 
 def test_matched_sizes_are_within_three_percent():
     diffusers = pytest.importorskip("diffusers")
-    bench = _bench()
+    bench = _script("bench")
     count = bench._params
     assert count(bench.UNet(**bench.UNET_OURS)) == pytest.approx(
         count(diffusers.UNet2DConditionModel(**bench.UNET_DIFFUSERS)), rel=0.03)
@@ -32,7 +34,7 @@ def test_matched_sizes_are_within_three_percent():
 
 
 def test_missing_package_skips_the_row_with_its_name():
-    bench = _bench()
+    bench = _script("bench")
     with pytest.raises(bench.Skip, match="no_such_package_xyz"):
         bench._import("no_such_package_xyz")
     b = bench.Bench("cpu", quick=True, compile_ours=False)
@@ -72,16 +74,9 @@ def test_precision_auto():
     assert resolve_precision("auto", "auto") == expected
 
 
-def _probe():
-    spec = importlib.util.spec_from_file_location("mfu_probe", Path(__file__).parents[1] / "scripts" / "mfu_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
-
-
 def test_mfu_probe_sorts_kernels_by_kind():
     """Kernel names as the H200 profile printed them (and cuBLAS/cuDNN names of the same families), labelled by hand."""
-    probe = _probe()
+    probe = _script("mfu_probe")
     labelled = {
         "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0":
             "attention",
@@ -106,7 +101,7 @@ def test_probe_nhwc_group_norm_matches_the_native_one():
 
     from ldm_train.models.norm import GroupNorm
 
-    probe = _probe()
+    probe = _script("mfu_probe")
     torch.manual_seed(0)
     x = (torch.randn(2, 12, 5, 6, dtype=torch.float64) * 2 + 3).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
