@@ -3,21 +3,17 @@
 # not hydra-core, omegaconf, lpips, webdataset or wandb (the lent GPU machine): install carried wheels into a
 # target folder (no dependencies resolved, nothing downloaded there), put it on PYTHONPATH, run gpu_check.py.
 #
-# 1. Here (with network), once, from the repository root: fetch the pure-Python wheels into .whl/
-#      echo /.whl/ >> .git/info/exclude
-#      scripts/gpu_check.sh --download
+# 1. Here (with network), once, from the repository root: fetch the pure-Python wheels into .whl/ (the same set
+#    scripts/gpu_bench.sh uses; .whl/ is git-ignored through .git/info/exclude)
+#      scripts/gpu_check.sh --download        # = scripts/gpu_bench.sh --fetch-wheels
 # 2. On the GPU machine, from the repository root, carrying .whl (device tool: carry=[".whl"], timeout ~540 s):
 #      bash scripts/gpu_check.sh
 #    It prints PASS/FAIL per item and "N passed, N failed"; exit code 1 if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=("hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" "antlr4-python3-runtime==4.9.*" "lpips>=0.1.4" "webdataset>=0.2.86"
-        braceexpand)
 
 if [[ "${1:-}" == "--download" ]]; then
-  # pure-Python wheels (antlr4 4.9.3 ships only an sdist: pip builds it into a wheel here)
-  python3 -m pip wheel --no-deps -w .whl "${WHEELS[@]}"
-  exit 0
+  exec bash scripts/gpu_bench.sh --fetch-wheels
 fi
 
 SITE=${GPU_CHECK_SITE:-/tmp/ldm_site}
