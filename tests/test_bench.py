@@ -95,27 +95,15 @@ def test_mfu_probe_sorts_kernels_by_kind():
     assert {name: probe.kind_of(name) for name in labelled} == labelled
 
 
-def test_probe_nhwc_group_norm_matches_the_native_one():
-    """The probe's experimental channels_last GroupNorm: values and gradients against F.group_norm (float64)."""
-    import torch.nn.functional as F
-
-    from ldm_train.models.norm import GroupNorm
+def test_probe_turns_the_cuda_group_norm_on_and_back_off():
+    """The probe's A/B switch sets models/norm.py's CUDA_CHANNELS_LAST inside the block only, even on an error."""
+    from ldm_train.models import norm
 
     probe = _script("mfu_probe")
-    torch.manual_seed(0)
-    x = (torch.randn(2, 12, 5, 6, dtype=torch.float64) * 2 + 3).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(2, 12, 5, 6, dtype=torch.float64)
-    got = probe.nhwc_group_norm(x, 3, w, b, 1e-5)
-    want = F.group_norm(x, 3, w, b, 1e-5)
-    torch.testing.assert_close(got, want)
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    for g, r in zip(torch.autograd.grad(got, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
-        torch.testing.assert_close(g, r)
-    gn = GroupNorm(3, 12).double()
-    with probe.nhwc_group_norm_in_models():
-        routed = gn(x)
-    torch.testing.assert_close(routed, F.group_norm(x, 3, gn.weight, gn.bias, gn.eps))
-    assert GroupNorm.forward is not probe.nhwc_group_norm  # put back after the block
+    assert norm.CUDA_CHANNELS_LAST is False  # the default the probe measures against
+    with probe.layout_kept_group_norm():
+        assert norm.CUDA_CHANNELS_LAST is True
+    assert norm.CUDA_CHANNELS_LAST is False
+    with pytest.raises(RuntimeError), probe.layout_kept_group_norm():
+        raise RuntimeError("boom")
+    assert norm.CUDA_CHANNELS_LAST is False
