@@ -82,7 +82,8 @@ class _GroupNormLayoutKept(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         # The formula of _GroupNormChannelsLast, written with the centred input x − μ so that a large mean does
-        # not cancel in low precision: dx = r·γ·dy − (r/M)·P − (r²·Q/M)·(x − μ).
+        # not cancel in low precision: dx = r·γ·dy − (r/M)·P − (r²·Q/M)·(x − μ). (The CPU class keeps the
+        # uncentred form: in fp32 it is exact enough and 15–55% faster there, one buffer instead of two.)
         x, weight, mean, rstd = ctx.saved_tensors
         b, c, h, w = x.shape
         g = ctx.groups
