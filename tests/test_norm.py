@@ -28,11 +28,15 @@ def test_fast_backward_matches_native(monkeypatch, channels, groups, size):
     got = torch.autograd.grad(y, (x, gn.weight, gn.bias), dy)
     assert calls, "the channels_last path was not taken"
     assert got[0].is_contiguous(memory_format=torch.channels_last)
-    want_y = F.group_norm(x, groups, gn.weight, gn.bias, 1e-6)
-    want = torch.autograd.grad(want_y, (x, gn.weight, gn.bias), dy)
+    _assert_matches_native(y, got, x, gn.weight, gn.bias, groups, dy)
+
+
+def _assert_matches_native(y, grads, x, w, b, groups, dy):
+    """Output and (x, w, b) gradients equal autograd through F.group_norm (eps 1e-6) to float64 rounding."""
+    want_y = F.group_norm(x, groups, w, b, 1e-6)
     torch.testing.assert_close(y, want_y)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, torch.autograd.grad(want_y, (x, w, b), dy)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_gradcheck():
@@ -62,14 +66,10 @@ def test_layout_kept_matches_native_float64(channels, groups, size):
     b = torch.randn(channels, dtype=torch.float64, requires_grad=True)
     dy = _cl(torch.randn_like(x))
     y = norm._GroupNormLayoutKept.apply(x, w, b, groups, 1e-6)
-    want_y = F.group_norm(x, groups, w, b, 1e-6)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, want_y)
     got = torch.autograd.grad(y, (x, w, b), dy)
-    want = torch.autograd.grad(want_y, (x, w, b), dy)
+    assert y.is_contiguous(memory_format=torch.channels_last)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
-    for a, r in zip(got, want):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    _assert_matches_native(y, got, x, w, b, groups, dy)
 
 
 def test_layout_kept_gradcheck():
