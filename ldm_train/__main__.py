@@ -16,7 +16,7 @@ log = logging.getLogger("ldm_train")
 def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
     validate(cfg)  # before any heavy import: a bad config fails in a second
-    from ldm_train.lit.reliability import resolve_checkpoint
+    from ldm_train.lit.checkpoints import resolve_checkpoint
     from ldm_train.lit.trainer import finish_logger, quiet_lightning  # lazy: `--help` and `--cfg` need no torch
 
     quiet_lightning()
@@ -35,8 +35,8 @@ def run(cfg: DictConfig) -> dict:
 
 def write_run_metrics(cfg: DictConfig, metrics: dict) -> None:
     """`<run dir>/metrics.json` (rank 0 only): the job folder keeps its results; sweeps and ablation reports read it."""
-    from ldm_train.artifacts import atomic_write_json
     from ldm_train.config import run_dir
+    from ldm_train.utils.io import atomic_write_json
 
     atomic_write_json(run_dir(cfg) / "metrics.json", metrics)
 

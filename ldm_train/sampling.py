@@ -8,7 +8,7 @@ from torch import nn
 from ldm_train.diffusion.guidance import cfg_model_fn
 from ldm_train.diffusion.samplers import sample
 from ldm_train.diffusion.schedules import NoiseSchedule
-from ldm_train.first_stage import FirstStage
+from ldm_train.pipeline.first_stage import FirstStage
 
 
 @torch.no_grad()

@@ -198,8 +198,8 @@ class Bench:
     def _quickstart_stage2(self):
         import yaml
 
-        from ldm_train.first_stage import FirstStage
         from ldm_train.models.text import build_text_encoder
+        from ldm_train.pipeline.first_stage import FirstStage
 
         unet_cfg = yaml.safe_load((ROOT / "ldm_train/conf/unet/small.yaml").read_text())
         unet_cfg.update(context_dim=384, in_channels=3)

@@ -79,10 +79,10 @@ def _stage2_setup(tmp: Path, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from ldm_train.artifacts import save_autoencoder
-    from ldm_train.calibration import calibrate
     from ldm_train.config import CONF_DIR, resolved_arch
     from ldm_train.models.autoencoder import Autoencoder
+    from ldm_train.pipeline.artifacts import save_autoencoder
+    from ldm_train.pipeline.calibration import calibrate
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=quickstart", "logger=none", f"paths.artifacts={tmp}",
@@ -107,9 +107,9 @@ def cached_vs_on_the_fly(batch_size: int = 128, steps: int = 20, n: int = 1024, 
 
     from ldm_train.__main__ import run
     from ldm_train.config import CONF_DIR
-    from ldm_train.first_stage import FirstStage
     from ldm_train.lit.diffusion import DiffusionModule, cfg_drop_mask
     from ldm_train.models.text import build_text_encoder
+    from ldm_train.pipeline.first_stage import FirstStage
     from ldm_train.stages.diffusion import build_unet
 
     overrides = list(overrides or [])

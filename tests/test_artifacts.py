@@ -14,10 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ldm_train.artifacts import ArtifactError, atomic_write_dir, atomic_write_text, load_autoencoder
 from ldm_train.config import resolved_arch
 from ldm_train.data.shapes import ShapesDataset
 from ldm_train.models.autoencoder import Autoencoder
+from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
+from ldm_train.utils.io import atomic_write_dir, atomic_write_text
 
 ARTIFACT_FILES = {"model.safetensors", "config.yaml", "calibration.json", "metrics.json"}
 

@@ -14,14 +14,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm_train.__main__ import run
-from ldm_train.artifacts import save_autoencoder
 from ldm_train.config import ConfigError, resolved_arch
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.data.latents import CacheError, check_cache, read_info
 from ldm_train.data.shapes import ShapesDataset
-from ldm_train.first_stage import FirstStage
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.models.autoencoder import Autoencoder
+from ldm_train.pipeline.artifacts import save_autoencoder
+from ldm_train.pipeline.first_stage import FirstStage
 from tests.conftest import compose_cfg, smoke_overrides
 
 SCALE = 2.5  # a made-up scale factor: what matters is that it is applied exactly once

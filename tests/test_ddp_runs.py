@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_train.artifacts import load_autoencoder
+from ldm_train.pipeline.artifacts import load_autoencoder
 from ldm_train.stages import autoencoder as stage1
 
 ROOT = Path(__file__).resolve().parents[1]

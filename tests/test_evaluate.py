@@ -75,7 +75,7 @@ def test_metric_names_follow_the_feature_network(tmp_path, shapes_features):
 
 def test_evaluate_autoencoder_artifact(smoke_autoencoder, shapes_features, compose_cfg, tmp_path):
     from ldm_train.__main__ import run
-    from ldm_train.artifacts import load_autoencoder
+    from ldm_train.pipeline.artifacts import load_autoencoder
 
     shutil.copytree(smoke_autoencoder["artifacts"] / "autoencoder", tmp_path / "artifacts" / "autoencoder")
     artifact = tmp_path / "artifacts" / "autoencoder" / "kl_f4"
@@ -103,7 +103,7 @@ def test_evaluate_autoencoder_artifact(smoke_autoencoder, shapes_features, compo
 
 
 def test_evaluate_without_artifacts_names_the_command(compose_cfg, tmp_path):
-    from ldm_train.artifacts import ArtifactError
+    from ldm_train.pipeline.artifacts import ArtifactError
     from ldm_train.stages.evaluate import run
 
     cfg = compose_cfg(["experiment=smoke", "stage=evaluate", "f=8", f"paths.artifacts={tmp_path}",

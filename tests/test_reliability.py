@@ -19,15 +19,8 @@ import torch
 from ldm_train.__main__ import run
 from ldm_train.config import ConfigError, validate
 from ldm_train.data.resumable import ResumableSampler
-from ldm_train.lit.reliability import (
-    CheckpointError,
-    NonFiniteError,
-    ReliabilityCallback,
-    find_last_checkpoint,
-    guard_step,
-    resolve_checkpoint,
-    step_is_finite,
-)
+from ldm_train.lit.checkpoints import CheckpointError, find_last_checkpoint, resolve_checkpoint
+from ldm_train.lit.reliability import NonFiniteError, ReliabilityCallback, guard_step, step_is_finite
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ldm_train.__main__ import run
-from ldm_train.artifacts import ArtifactError, load_autoencoder
+from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
 
 SMOKE_AE_STEPS = 12  # autoencoder.max_steps in experiment=smoke
 SMOKE_DIFF_STEPS = 12  # diffusion.max_steps in experiment=smoke (val_every 6: checkpoints at 6 and 12)

@@ -23,14 +23,14 @@ from torch import nn
 
 import ldm_train.stages.diffusion as diffusion_stage
 from ldm_train.__main__ import run
-from ldm_train.artifacts import ArtifactError, content_hash, read_diffusion
 from ldm_train.config import CONF_DIR, ConfigError
 from ldm_train.data.shapes import ShapesDataset, parse_caption, render
 from ldm_train.diffusion.schedules import NoiseSchedule
 from ldm_train.evaluation.alignment import alignment_scores, eval_captions
-from ldm_train.first_stage import FirstStage, LatentStdError
 from ldm_train.lit.diffusion import DiffusionModule, cfg_drop_mask, warmup_cosine
 from ldm_train.models.text import build_text_encoder
+from ldm_train.pipeline.artifacts import ArtifactError, content_hash, read_diffusion
+from ldm_train.pipeline.first_stage import FirstStage, LatentStdError
 from ldm_train.sampling import generate
 from ldm_train.stages.diffusion import build_unet
 from ldm_train.stages.sample import load_pipeline

@@ -20,9 +20,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ldm_train.artifacts import atomic_write_dir
 from ldm_train.data.folder import DEFAULT_EXTENSIONS
 from ldm_train.data.images import DEFAULT_MAX_PIXELS, Counts, SkipSample, decode_caption, open_image, summarize
+from ldm_train.utils.io import atomic_write_dir
 
 _EXT = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.artifacts import atomic_write_text
+from ldm_train.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -87,8 +87,9 @@ def train_shapes_features(path: Path, steps: int = 400, batch_size: int = 64, lr
     """
     from safetensors.torch import save_file
 
-    from ldm_train.artifacts import atomic_write_json, state_to_safetensors
     from ldm_train.data.shapes import ShapesDataset
+    from ldm_train.pipeline.artifacts import state_to_safetensors
+    from ldm_train.utils.io import atomic_write_json
 
     torch.manual_seed(seed)
     start = time.time()
@@ -143,7 +144,8 @@ def train_command(path: Path) -> str:
 
 def load_shapes_features(path: Path, train_if_missing: bool = True) -> FeatureNetwork:
     """The shapes network from `path`; trained there first (about a minute on 2 cores) when it is missing."""
-    from ldm_train.artifacts import file_hash, load_weights
+    from ldm_train.pipeline.artifacts import load_weights
+    from ldm_train.utils.io import file_hash
 
     path = Path(path)
     if not path.exists():

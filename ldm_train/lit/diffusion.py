@@ -12,9 +12,9 @@ from torch import nn
 
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
-from ldm_train.first_stage import FirstStage
 from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
+from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.sampling import generate
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid

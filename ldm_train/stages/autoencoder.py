@@ -10,14 +10,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.artifacts import atomic_write_text, save_autoencoder
 from ldm_train.config import artifacts_root, resolved_arch, run_dir
 from ldm_train.data import build_datasets
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
+from ldm_train.pipeline.artifacts import save_autoencoder
 from ldm_train.stages.calibrate import calibrate_module
+from ldm_train.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_train.artifacts import atomic_write_dir, atomic_write_json
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, summarize
 from ldm_train.data.latents import INFO_FILE, npy_bytes
-from ldm_train.first_stage import FirstStage
 from ldm_train.models.text import build_text_encoder
+from ldm_train.pipeline.first_stage import FirstStage
+from ldm_train.utils.io import atomic_write_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 

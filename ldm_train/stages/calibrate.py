@@ -8,11 +8,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from ldm_train.artifacts import atomic_write_json, load_autoencoder
-from ldm_train.calibration import calibrate, format_report
 from ldm_train.config import autoencoder_dir
 from ldm_train.data import build_datasets
+from ldm_train.pipeline.artifacts import load_autoencoder
+from ldm_train.pipeline.calibration import calibrate, format_report
 from ldm_train.utils.distributed import rank, world_size
+from ldm_train.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -9,18 +9,18 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_train.artifacts import save_diffusion
 from ldm_train.config import ConfigError, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.data.images import caption_limit
 from ldm_train.data.latents import check_cache, read_info
-from ldm_train.first_stage import FirstStage
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.models.text import build_text_encoder
 from ldm_train.models.unet import UNet
+from ldm_train.pipeline.artifacts import save_diffusion
+from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.sampling import generate
 
 log = logging.getLogger(__name__)

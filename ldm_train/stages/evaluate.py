@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.artifacts import ArtifactError, atomic_write_json, load_autoencoder, stage1_command
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.evaluation.features import FeatureNetwork, resolve_features
 from ldm_train.evaluation.metrics import frechet, reconstruction_metrics, unit
+from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder, stage1_command
 from ldm_train.utils.images import save_grid
+from ldm_train.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import time
 
 from omegaconf import DictConfig, open_dict
 
-from ldm_train.artifacts import ArtifactError, load_autoencoder
 from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
 from ldm_train.lit.trainer import finish_logger
+from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
 from ldm_train.stages import autoencoder as stage1
 from ldm_train.stages import diffusion as stage2
 from ldm_train.stages import evaluate as evaluate_stage

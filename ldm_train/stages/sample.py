@@ -11,11 +11,11 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from ldm_train.artifacts import load_weights, read_diffusion
 from ldm_train.config import diffusion_dir, run_dir
 from ldm_train.diffusion.schedules import NoiseSchedule
-from ldm_train.first_stage import FirstStage
 from ldm_train.models.text import build_text_encoder
+from ldm_train.pipeline.artifacts import load_weights, read_diffusion
+from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.sampling import generate
 from ldm_train.stages.diffusion import build_unet
 from ldm_train.utils.images import save_grid, save_png

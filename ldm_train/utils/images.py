@@ -19,7 +19,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def save_image(img: Image.Image, path: Path) -> Path:
     """PNG-encode in memory, then write atomically: an interrupted write leaves the previous file intact."""
-    from ldm_train.artifacts import atomic_write_bytes
+    from ldm_train.utils.io import atomic_write_bytes
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")

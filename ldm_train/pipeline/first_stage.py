@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm_train.artifacts import content_hash, load_autoencoder
+from ldm_train.pipeline.artifacts import content_hash, load_autoencoder
 
 
 class LatentStdError(RuntimeError):

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,64 +20,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm_train.config import ConfigError
+from ldm_train.utils.io import atomic_write_dir, file_hash
 
 
 class ArtifactError(RuntimeError):
     """A missing, incomplete or mismatched artifact; the message names the command that fixes it."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary sibling and rename, so readers never see half a file."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file via a temporary sibling (same folder, so the rename is atomic) and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary directory with `write(tmp)` then swap it into place; a failure leaves `final` intact."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; artifacts are meant to be shared
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def content_hash(artifact: Path) -> str:
@@ -211,6 +154,5 @@ def read_diffusion(artifact: Path) -> tuple[dict, Path]:
     return config, ae
 
 
-__all__ = ["ArtifactError", "ConfigError", "atomic_write_bytes", "atomic_write_dir", "atomic_write_json",
-           "atomic_write_text", "content_hash", "load_autoencoder", "read_calibration", "read_diffusion",
+__all__ = ["ArtifactError", "ConfigError", "content_hash", "load_autoencoder", "read_calibration", "read_diffusion",
            "save_autoencoder", "save_diffusion"]
