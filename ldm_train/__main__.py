@@ -41,9 +41,16 @@ def write_run_metrics(cfg: DictConfig, metrics: dict) -> None:
     atomic_write_json(run_dir(cfg) / "metrics.json", metrics)
 
 
+def headline(stage: str, metrics: dict | None) -> float | None:
+    """The stage's headline metric (its module's HEADLINE_METRIC), for a Hydra sweeper to optimise."""
+    key = getattr(importlib.import_module(f"ldm_train.stages.{stage}"), "HEADLINE_METRIC", None)
+    value = (metrics or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> float | None:
+    return headline(cfg.stage, run(cfg))
 
 
 if __name__ == "__main__":

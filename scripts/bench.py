@@ -211,19 +211,22 @@ class Bench:
         return unet, text, first
 
     def sampling(self) -> None:
-        from ldm_train.diffusion.schedules import NoiseSchedule
-        from ldm_train.sampling import generate
+        from ldm_train.diffusion.parameterization import build_parameterization
+        from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 
         unet, text, first = self._quickstart_stage2()
         unet.eval()
-        schedule = NoiseSchedule.from_name("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+        diffusion = {"schedule": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                     "prediction_type": "eps"}
+        sampling = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0, "eta": 0.0, "seed": 0}
+        pipe = LatentDiffusionPipeline(first, unet, text, build_parameterization(diffusion),
+                                       {"resolution": 32, "sampling": sampling})
         n = 64 if self.cuda else (8 if self.quick else 32)
         prompts = ["a red circle on the left"] * n
 
         def run() -> None:
             with self.autocast():
-                generate(unet, text, first, schedule, prompts, resolution=32, guidance_scale=3.0, sampler="ddim",
-                         steps=50)
+                pipe.generate(prompts)
 
         m = self.interleaved({"ours": run}, reps=3)
         self.results.update(sample_seconds_per_image=m["ours"] / n)

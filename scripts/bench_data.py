@@ -108,9 +108,9 @@ def cached_vs_on_the_fly(batch_size: int = 128, steps: int = 20, n: int = 1024, 
     from ldm_train.__main__ import run
     from ldm_train.config import CONF_DIR
     from ldm_train.lit.diffusion import DiffusionModule, cfg_drop_mask
-    from ldm_train.models.text import build_text_encoder
     from ldm_train.pipeline.first_stage import FirstStage
-    from ldm_train.stages.diffusion import build_unet
+    from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
+    from ldm_train.stages.diffusion import pipeline_config
 
     overrides = list(overrides or [])
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -125,9 +125,7 @@ def cached_vs_on_the_fly(batch_size: int = 128, steps: int = 20, n: int = 1024, 
         run(cache_cfg)
         d = OmegaConf.to_container(cfg.diffusion, resolve=True)
         first_stage = FirstStage.from_artifact(ae, sample_posterior=True)
-        text = build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True))
-        unet = build_unet(OmegaConf.to_container(cfg.unet, resolve=True), first_stage.latent_channels, text.dim)
-        module = DiffusionModule(unet, text, first_stage, d, res)
+        module = DiffusionModule(LatentDiffusionPipeline.build(first_stage, pipeline_config(cfg, first_stage)), d)
         opt = torch.optim.AdamW(module.trainable().parameters(), lr=1e-4)
         image_data = _data_cfg(urls, res, num_workers)
         latent_data = OmegaConf.merge(OmegaConf.load(CONF_DIR / "data" / "latents.yaml"),

@@ -61,14 +61,14 @@ class Probe(L.Callback):
             module.loss.generator_loss = generator_loss
             RECORD["lr"] = module.lr
         else:
-            q_sample = module.schedule.q_sample
+            q_sample = module.parameterization.schedule.q_sample
 
             def recorded(z0, t, noise):
                 if module.training:
                     self.local.update(t=t.tolist(), noise=noise.flatten()[:8].tolist())
                 return q_sample(z0, t, noise)
 
-            module.schedule.q_sample = recorded
+            module.parameterization.schedule.q_sample = recorded
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         entry = dict(self.local, images=image_hashes(batch["image"]),

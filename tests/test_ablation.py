@@ -65,7 +65,7 @@ def test_multirun_pipeline_writes_ablation_report(tmp_path, shapes_features):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "ldm_train", "-m", "experiment=smoke", "stage=pipeline", "f=4,8",
            "autoencoder.max_steps=2", "autoencoder.val_every=2", "diffusion.max_steps=2", "diffusion.val_every=2",
-           "diffusion.eval_samples=0", "n_per_prompt=1", "prompt=[a red circle on the left]", "steps=2",
+           "diffusion.eval_samples=0", "n_per_prompt=1", "prompt=[a red circle on the left]", "sampling.steps=2",
            "eval.num_samples=4", "eval.batch_size=4", f"eval.features_path={shapes_features['path']}",
            f"paths.artifacts={tmp_path}/artifacts", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)

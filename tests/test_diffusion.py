@@ -14,7 +14,8 @@ from torch import nn
 
 from ldm_train.diffusion.ema import EMA, ema_decay, update_ema
 from ldm_train.diffusion.guidance import cfg_combine, cfg_model_fn
-from ldm_train.diffusion.samplers import SAMPLERS, sample, timesteps_for
+from ldm_train.diffusion.parameterization import PARAMETERIZATIONS, build_parameterization
+from ldm_train.diffusion.samplers import SAMPLERS, get_sampler, timesteps_for
 from ldm_train.diffusion.schedules import NoiseSchedule, make_betas, offset_noise
 
 T = 1000
@@ -31,6 +32,11 @@ def _t(*vals: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- schedules
 
+
+
+def sample(model_fn, x, sch, sampler="ddim", **kwargs):
+    """Run the sampler function called `sampler` (every sampler has the same signature)."""
+    return get_sampler(sampler)(model_fn, x, sch, **kwargs)
 
 def test_betas_endpoints_and_dtype():
     for name in ("linear", "scaled_linear"):
@@ -105,18 +111,25 @@ def test_conversions_round_trip(sch):
     torch.testing.assert_close(sch.eps_from_x0(xt, t, x0), noise, **tol)
 
 
-def test_to_eps_and_target(sch):
+def test_parameterization_targets_and_conversions(sch):
     torch.manual_seed(2)
     x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     t = _t(17, 800)
-    xt = sch.q_sample(x0, t, noise)
-    v = sch.target(x0, t, noise, "v")
-    torch.testing.assert_close(v, sch.v_target(x0, t, noise))
-    torch.testing.assert_close(sch.to_eps(xt, t, v, "v"), noise, atol=1e-5, rtol=1e-5)
-    assert torch.equal(sch.target(x0, t, noise, "eps"), noise)
-    assert torch.equal(sch.to_eps(xt, t, noise, "eps"), noise)
-    with pytest.raises(ValueError, match="eps"):
-        sch.to_eps(xt, t, noise, "x0")
+    eps_p, v_p = PARAMETERIZATIONS["eps"](sch), PARAMETERIZATIONS["v"](sch)
+    xt = eps_p.noised(x0, t, noise)
+    torch.testing.assert_close(xt, sch.q_sample(x0, t, noise))
+    v = v_p.target(x0, t, noise)
+    ab = sch.alphas_cumprod[t].float().view(-1, 1, 1, 1)  # hand: v = √ᾱ·ε − √(1−ᾱ)·x0
+    torch.testing.assert_close(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+    torch.testing.assert_close(v_p.to_eps(xt, t, v), noise, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_p.to_x0(xt, t, v), x0, atol=1e-5, rtol=1e-5)
+    assert torch.equal(eps_p.target(x0, t, noise), noise)
+    assert torch.equal(eps_p.to_eps(xt, t, noise), noise)
+    torch.testing.assert_close(eps_p.to_x0(xt, t, noise), x0, atol=1e-5, rtol=1e-5)
+    d = {"schedule": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    assert build_parameterization({**d, "prediction_type": "v"}).name == "v"
+    with pytest.raises(ValueError, match="eps, v"):
+        build_parameterization({**d, "prediction_type": "x0"})
 
 
 def test_snr_and_min_snr_weight_hand(sch):
@@ -129,8 +142,8 @@ def test_snr_and_min_snr_weight_hand(sch):
     assert snr[0] > gamma > snr[2]
     w_eps = [min(x, gamma) / x for x in snr]
     w_v = [min(x, gamma) / (x + 1) for x in snr]
-    torch.testing.assert_close(sch.min_snr_weight(t, gamma, "eps"), torch.tensor(w_eps))
-    torch.testing.assert_close(sch.min_snr_weight(t, gamma, "v"), torch.tensor(w_v))
+    torch.testing.assert_close(PARAMETERIZATIONS["eps"](sch).min_snr_weight(t, gamma), torch.tensor(w_eps))
+    torch.testing.assert_close(PARAMETERIZATIONS["v"](sch).min_snr_weight(t, gamma), torch.tensor(w_v))
     assert abs(w_eps[2] - 1.0) < 1e-7
 
 
@@ -163,8 +176,8 @@ def test_timesteps_for_trailing():
 
 def test_unknown_sampler(sch):
     with pytest.raises(ValueError, match="dpmpp_2m"):
-        sample(lambda x, t: x, torch.zeros(1, 1, 2, 2), sch, sampler="euler")
-    assert SAMPLERS == ("ddpm", "ddim", "dpmpp_2m")
+        get_sampler("euler")
+    assert tuple(SAMPLERS) == ("ddpm", "ddim", "dpmpp_2m")
 
 
 def _oracle(sch: NoiseSchedule, x0: torch.Tensor):
@@ -325,7 +338,7 @@ def test_cfg_model_fn_batches_and_orders(sch, prediction_type):
     net = _ContextNet()
     x, t = torch.randn(B, 4, 4, 4), _t(100, 700)
     s = 4.0
-    eps = cfg_model_fn(net, ctx, null, s, sch, prediction_type)(x, t)
+    eps = cfg_model_fn(net, ctx, null, s, PARAMETERIZATIONS[prediction_type](sch))(x, t)
 
     assert len(net.calls) == 1
     n, t_in, ctx_in = net.calls[0]
@@ -348,7 +361,7 @@ def test_cfg_scale_one_single_cond_call(sch):
     net = _ContextNet()
     ctx, null = torch.ones(2, 3, 5), torch.zeros(2, 3, 5)
     x = torch.randn(2, 4, 4, 4)
-    eps = cfg_model_fn(net, ctx, null, 1.0, sch, "eps")(x, _t(5, 6))
+    eps = cfg_model_fn(net, ctx, null, 1.0, PARAMETERIZATIONS["eps"](sch))(x, _t(5, 6))
     assert len(net.calls) == 1 and net.calls[0][0] == 2
     assert torch.equal(net.calls[0][2], ctx)
     assert torch.equal(eps, torch.ones_like(x))

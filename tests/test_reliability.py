@@ -264,7 +264,7 @@ def test_unet_in_channels_must_match_the_latents():
     from omegaconf import OmegaConf
 
     from ldm_train.config import CONF_DIR
-    from ldm_train.stages.diffusion import build_unet
+    from ldm_train.pipeline.latent_diffusion import build_denoiser as build_unet
 
     unet = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "unet" / "tiny.yaml"))
     unet["context_dim"] = 8

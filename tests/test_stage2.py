@@ -25,15 +25,13 @@ import ldm_train.stages.diffusion as diffusion_stage
 from ldm_train.__main__ import run
 from ldm_train.config import CONF_DIR, ConfigError
 from ldm_train.data.shapes import ShapesDataset, parse_caption, render
-from ldm_train.diffusion.schedules import NoiseSchedule
+from ldm_train.diffusion.parameterization import build_parameterization
 from ldm_train.evaluation.alignment import alignment_scores, eval_captions
 from ldm_train.lit.diffusion import DiffusionModule, cfg_drop_mask, warmup_cosine
 from ldm_train.models.text import build_text_encoder
 from ldm_train.pipeline.artifacts import ArtifactError, content_hash, read_diffusion
 from ldm_train.pipeline.first_stage import FirstStage, LatentStdError
-from ldm_train.sampling import generate
-from ldm_train.stages.diffusion import build_unet
-from ldm_train.stages.sample import load_pipeline
+from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline, build_denoiser
 
 PROMPTS = ["a red circle on the left", "a blue square at the top"]
 
@@ -74,9 +72,20 @@ def smoke_text_encoder() -> nn.Module:
     return build_text_encoder(OmegaConf.to_container(compose_cfg(["experiment=smoke"]).text_encoder, resolve=True))
 
 
-def schedule_of(d: dict) -> NoiseSchedule:
-    return NoiseSchedule.from_name(d["schedule"], d["num_timesteps"], beta_start=d["beta_start"],
-                                   beta_end=d["beta_end"])
+def smoke_pipeline(first_stage: FirstStage, denoiser: nn.Module, enc: nn.Module, **sampling) -> LatentDiffusionPipeline:
+    """A pipeline around any denoiser (e.g. a recording stub) with the smoke config's schedule and sampling."""
+    cfg = compose_cfg(["experiment=smoke"])
+    d = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    config = {"diffusion": d, "resolution": 16,
+              "sampling": {**OmegaConf.to_container(cfg.sampling, resolve=True), **sampling}}
+    return LatentDiffusionPipeline(first_stage, denoiser, enc, build_parameterization(d), config)
+
+
+def smoke_module(first_stage: FirstStage, enc: nn.Module) -> DiffusionModule:
+    """A DiffusionModule around a fresh smoke U-Net."""
+    unet = build_denoiser(OmegaConf.to_container(compose_cfg(["experiment=smoke"]).unet, resolve=True),
+                          first_stage.latent_channels, enc.dim)
+    return DiffusionModule(smoke_pipeline(first_stage, unet, enc), smoke_diffusion_cfg())
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -111,8 +120,8 @@ def trained(smoke_autoencoder, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline(trained):
-    return load_pipeline(trained["artifact"])
+def pipeline(trained) -> LatentDiffusionPipeline:
+    return LatentDiffusionPipeline.from_artifact(trained["artifact"])
 
 
 # ---------------------------------------------------------------------------------------------- CFG dropout
@@ -159,11 +168,8 @@ def test_text_encoder_forced_drop_rows_are_null():
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_diffusion_module_force_drop_conditions_on_null(first_stage):
     torch.manual_seed(0)
-    d = smoke_diffusion_cfg()
     enc = smoke_text_encoder()
-    unet = build_unet(OmegaConf.to_container(compose_cfg(["experiment=smoke"]).unet, resolve=True),
-                      first_stage.latent_channels, enc.dim)
-    module = DiffusionModule(unet, enc, first_stage, d, resolution=16)
+    module = smoke_module(first_stage, enc)
     batch = shapes_batch(4)
     null = enc.null(4)
     seen = []
@@ -366,10 +372,8 @@ def test_sample_stage_writes_pngs(trained, smoke_autoencoder, pipeline, tmp_path
         assert grid.format == "PNG" and grid.size[0] > 32 and grid.size[1] > 32
 
     # the single PNGs are the samples of prompt i // 2, in order
-    unet, text, fs, schedule, config = pipeline
     expanded = [p for p in PROMPTS for _ in range(2)]
-    images = generate(unet, text, fs, schedule, expanded, resolution=16, guidance_scale=cfg.guidance_scale,
-                      sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=cfg.seed)
+    images = pipeline.generate(expanded, **cfg.sampling)
     expected = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     assert [p.name for p in singles] == ["00_a_red_circle_on_the_left_0.png", "00_a_red_circle_on_the_left_1.png",
                                          "01_a_blue_square_at_the_top_0.png", "01_a_blue_square_at_the_top_1.png"]
@@ -382,9 +386,9 @@ def test_sample_stage_writes_pngs(trained, smoke_autoencoder, pipeline, tmp_path
 
 
 def test_img2img_strength_zero_is_reconstruction(pipeline):
-    unet, text, fs, schedule, _ = pipeline
+    fs = pipeline.first_stage
     x = shapes_batch(2)["image"]
-    out = generate(unet, text, fs, schedule, PROMPTS, resolution=16, steps=4, init_image=x, strength=0.0)
+    out = pipeline.generate(PROMPTS, steps=4, init_image=x, strength=0.0)
     ae = fs.autoencoder
     with torch.no_grad():
         raw = ae.decode_latent(ae.latent(x, sample=False)).clamp(-1, 1)
@@ -393,27 +397,24 @@ def test_img2img_strength_zero_is_reconstruction(pipeline):
 
 
 def test_img2img_strength_one_ignores_init(pipeline):
-    unet, text, fs, schedule, _ = pipeline
     x = shapes_batch(4)["image"]
     a, b = x[:2], x[2:]
     assert not torch.equal(a, b)
-    kw = dict(resolution=16, steps=4, seed=3)
-    out_a = generate(unet, text, fs, schedule, PROMPTS, init_image=a, strength=1.0, **kw)
-    out_b = generate(unet, text, fs, schedule, PROMPTS, init_image=b, strength=1.0, **kw)
-    plain = generate(unet, text, fs, schedule, PROMPTS, **kw)
+    kw = dict(steps=4, seed=3)
+    out_a = pipeline.generate(PROMPTS, init_image=a, strength=1.0, **kw)
+    out_b = pipeline.generate(PROMPTS, init_image=b, strength=1.0, **kw)
+    plain = pipeline.generate(PROMPTS, **kw)
     assert torch.equal(out_a, out_b) and torch.equal(out_a, plain)
     # at an intermediate strength the init image does matter (the two inits are distinguishable)
-    half_a = generate(unet, text, fs, schedule, PROMPTS, init_image=a, strength=0.5, **kw)
-    half_b = generate(unet, text, fs, schedule, PROMPTS, init_image=b, strength=0.5, **kw)
+    half_a = pipeline.generate(PROMPTS, init_image=a, strength=0.5, **kw)
+    half_b = pipeline.generate(PROMPTS, init_image=b, strength=0.5, **kw)
     assert not torch.allclose(half_a, half_b)
 
 
 def test_generate_seeded(pipeline):
-    unet, text, fs, schedule, _ = pipeline
-    kw = dict(resolution=16, steps=4)
-    a = generate(unet, text, fs, schedule, PROMPTS, seed=1, **kw)
-    b = generate(unet, text, fs, schedule, PROMPTS, seed=1, **kw)
-    c = generate(unet, text, fs, schedule, PROMPTS, seed=2, **kw)
+    a = pipeline.generate(PROMPTS, steps=4, seed=1)
+    b = pipeline.generate(PROMPTS, steps=4, seed=1)
+    c = pipeline.generate(PROMPTS, steps=4, seed=2)
     assert a.shape == (2, 3, 16, 16)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
@@ -436,11 +437,10 @@ class RecordingUNet(nn.Module):
 def test_generate_cfg_is_one_batched_call_per_step(first_stage, negative):
     torch.manual_seed(0)
     enc = smoke_text_encoder().eval()
-    d = smoke_diffusion_cfg()
     stub = RecordingUNet()
     steps, n = 3, len(PROMPTS)
-    generate(stub, enc, first_stage, schedule_of(d), PROMPTS, resolution=16, guidance_scale=3.0, steps=steps,
-             negative_prompt=negative)
+    pipe = smoke_pipeline(first_stage, stub, enc)
+    pipe.generate(PROMPTS, guidance_scale=3.0, steps=steps, negative_prompt=negative)
     assert len(stub.calls) == steps
     with torch.no_grad():
         cond = enc.encode(PROMPTS)
@@ -456,12 +456,60 @@ def test_generate_cfg_is_one_batched_call_per_step(first_stage, negative):
 
     # guidance 1 skips the unconditional half: one call per step on the N conditional samples
     stub.calls.clear()
-    generate(stub, enc, first_stage, schedule_of(d), PROMPTS, resolution=16, guidance_scale=1.0, steps=steps)
+    pipe.generate(PROMPTS, guidance_scale=1.0, steps=steps)
     assert len(stub.calls) == steps
     assert all(ctx.shape[0] == n and torch.allclose(ctx, cond, atol=1e-6) for _, _, ctx in stub.calls)
 
 
+def test_validation_leaves_global_generators_alone(first_stage, monkeypatch):
+    """Validation draws t and ε from its own generator: no global RNG state changes, no global seeding call
+    (torch.manual_seed would reseed every CUDA generator too)."""
+    module = smoke_module(first_stage, smoke_text_encoder())
+    module.log = lambda *args, **kwargs: None
+    batch = shapes_batch(4)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for name in ("manual_seed", "seed"):
+        monkeypatch.setattr(torch, name, lambda *a, **k: pytest.fail("validation seeded a global generator"))
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: pytest.fail("validation forked the global RNG"))
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        first = module.diffusion_loss  # same batch index → same t and noise → same loss
+        losses = [float(first(module.batch_latents(first_stage, batch, sample=False), module.condition(batch, None),
+                              generator=torch.Generator().manual_seed(0))) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert losses[0] == losses[1]
+
+
+def test_class_model_refuses_a_negative_prompt(first_stage):
+    """A class-label model has no captions: a negative prompt would silently condition the unconditional branch
+    on the labels (guidance off); it is refused, and an empty one uses the learned null label."""
+    from ldm_train.data.shapes import captions_to_labels
+    from ldm_train.models.text import ClassEncoder
+
+    enc = ClassEncoder(num_classes=ShapesDataset.num_classes, dim=8).eval()
+    stub = RecordingUNet()
+    pipe = smoke_pipeline(first_stage, stub, enc)
+    labels = captions_to_labels(PROMPTS)
+    with pytest.raises(ConfigError, match="negative_prompt"):
+        pipe.generate(PROMPTS, steps=2, labels=labels, negative_prompt="a blue square at the top")
+    pipe.generate(PROMPTS, steps=2, labels=labels)
+    ctx = stub.calls[0][2]  # (2N, 1, dim): uncond first
+    n = len(PROMPTS)
+    assert torch.equal(ctx[:n], enc.null(n)) and torch.equal(ctx[n:], enc(labels=labels))
+
+
 # ---------------------------------------------------------------------------------------------- alignment
+
+
+class FunctionPipeline:
+    """A pipeline stand-in whose generate(prompts, guidance_scale, seed) calls fn(prompts, scale, seed)."""
+
+    def __init__(self, fn, guidance_scale: float, seed: int = 0):
+        self.fn, self.sampling = fn, {"guidance_scale": guidance_scale, "seed": seed}
+
+    def generate(self, prompts, guidance_scale, seed):
+        return self.fn(prompts, guidance_scale, seed)
 
 
 def test_alignment_scores_with_oracle_generator():
@@ -481,7 +529,7 @@ def test_alignment_scores_with_oracle_generator():
         return torch.stack(images)
 
     n, scale = 150, 4.0
-    scores = alignment_scores(oracle, n, scale, batch_size=64)
+    scores = alignment_scores(FunctionPipeline(oracle, scale), n, batch_size=64)
     assert scores["caption_alignment_cfg"] == 1.0
     assert scores["caption_alignment_nocfg"] == 1.0
     expected_null = sum(parse_caption(c) == fixed for c in eval_captions(n)) / n
@@ -509,7 +557,7 @@ def test_alignment_scores_separates_cfg_from_nocfg():
         return torch.stack(out)
 
     n = 40
-    scores = alignment_scores(gen, n, 3.0)
+    scores = alignment_scores(FunctionPipeline(gen, 3.0), n)
     expected_nocfg = sum(parse_caption(c) == ("green", "triangle", "right") for c in eval_captions(n)) / n
     assert scores["caption_alignment_cfg"] == 1.0
     assert scores["caption_alignment_nocfg"] == pytest.approx(expected_nocfg)

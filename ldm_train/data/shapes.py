@@ -79,6 +79,20 @@ def attributes_to_label(color: str, shape: str, position: str) -> int:
     return (c * len(SHAPES) + s) * len(POSITIONS) + p
 
 
+def captions_to_labels(captions: list[str]) -> torch.Tensor:
+    """Class indices (B,) of shapes captions, for a class-conditional model (text_encoder=class)."""
+    from ldm_train.config import ConfigError
+
+    labels = []
+    for caption in captions:
+        attrs = parse_caption(caption)
+        if attrs is None:
+            raise ConfigError(f"prompt {caption!r} is not a shapes caption, and this model is conditioned on shapes "
+                              "classes (text_encoder=class): use prompts like 'a red circle on the left'")
+        labels.append(attributes_to_label(*attrs))
+    return torch.tensor(labels)
+
+
 def label_to_attributes(label: int) -> tuple[str, str, str]:
     """Return the (colour, shape, position) names of a class index."""
     if not 0 <= int(label) < NUM_CLASSES:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .schedules import NoiseSchedule
+from .parameterization import Parameterization
 
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -19,10 +19,9 @@ def cfg_model_fn(
     context: torch.Tensor,
     null_context: torch.Tensor,
     guidance_scale: float,
-    schedule: NoiseSchedule,
-    prediction_type: str,
+    parameterization: Parameterization,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model_fn(x, t) -> guided ε for `sample`, from net(x, t, context=...) -> eps or v.
+    """model_fn(x, t) -> guided ε for the samplers, from net(x, t, context=...) -> the parameterisation's output.
 
     null_context may have batch 1; it is expanded to context's batch.
     """
@@ -33,12 +32,12 @@ def cfg_model_fn(
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guidance_scale == 1.0:
             # s = 1 is exactly ε_c, so skip the unconditional half
-            return schedule.to_eps(x, t, net(x, t, context=context), prediction_type)
+            return parameterization.to_eps(x, t, net(x, t, context=context))
         # one batched call (uncond first): half the launches of two separate calls
         out = net(torch.cat([x, x]), torch.cat([t, t]), context=ctx_in)  # (2B, C, H, W)
         out_u, out_c = out.chunk(2)
-        eps_u = schedule.to_eps(x, t, out_u, prediction_type)
-        eps_c = schedule.to_eps(x, t, out_c, prediction_type)
+        eps_u = parameterization.to_eps(x, t, out_u)
+        eps_c = parameterization.to_eps(x, t, out_c)
         return cfg_combine(eps_u, eps_c, guidance_scale)
 
     return model_fn

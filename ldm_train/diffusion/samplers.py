@@ -1,8 +1,10 @@
 """DDPM, DDIM and DPM-Solver++(2M) samplers over a discrete NoiseSchedule.
 
-All samplers take `model_fn(x, t) -> ε` with x (B, C, H, W) and t a LongTensor (B,);
-guidance and the eps/v parameterization live in the caller's wrapper (see guidance.py).
-The step after the last grid timestep goes to ᾱ = 1 (clean data) and adds no noise.
+One function per sampler, one signature (k-diffusion's convention):
+    sampler(model_fn, x, schedule, steps, *, eta, generator, t_start, callback) -> x0
+`model_fn(x, t) -> ε` with x (B, C, H, W) and t a LongTensor (B,); guidance and the parameterisation live in the
+caller's wrapper (guidance.py). x starts at t = T−1 (or t_start, img2img: pre-noised by the caller). The step after
+the last grid timestep goes to ᾱ = 1 (clean data) and adds no noise. callback(i, t, x) runs after step i.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from collections.abc import Callable
 import torch
 
 from .schedules import NoiseSchedule
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -50,60 +50,82 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return z.to(x.device)
 
 
-@torch.no_grad()
-def sample(
-    model_fn: ModelFn,
-    x_T: torch.Tensor,
-    schedule: NoiseSchedule,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    t_start: int | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Integrate from x_T (B, C, H, W) at t = T−1 (or t_start) down to x0.
-
-    t_start (img2img): the caller passes x_T = q_sample(x0, t_start, ε), pre-noised;
-    only the part of the grid with t ≤ t_start is run (see `timesteps_for`).
-    eta only affects ddim (0 = deterministic, 1 = DDPM-like variance).
-    callback(i, t, x) is called after step i at grid timestep t with the updated x.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+def _grid(schedule: NoiseSchedule, steps: int, t_start: int | None):
+    """(i, t, ᾱ_t, ᾱ_prev) along the grid; ᾱ_prev = 1 after the last point. Python floats (float64): per-step
+    coefficients never round to the sample dtype."""
     ts = timesteps_for(steps, schedule.num_timesteps, t_start).tolist()
-    # python floats (float64): per-step coefficients never round to the sample dtype
     ac = schedule.alphas_cumprod.tolist()
-    B = x_T.shape[0]
-    x = x_T
-    old_x0: torch.Tensor | None = None  # dpmpp_2m: previous data prediction
-    old_h: float | None = None
     for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        a_t, a_prev = ac[t], (ac[t_prev] if t_prev >= 0 else 1.0)  # ᾱ_t, ᾱ_{t_prev}
-        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
-        eps = model_fn(x, t_batch)
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        if sampler == "ddim":
-            # σ² = η²·β̃ between the grid points; the rest of 1−ᾱ_prev stays along ε
-            var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
-            if var > 0:
-                x = x + math.sqrt(var) * _noise_like(x, generator)
-        elif sampler == "ddpm":
-            # posterior q(x_prev | x_t, x0) with the strided β = 1 − ᾱ_t/ᾱ_prev
-            beta = 1 - a_t / a_prev
-            c0 = math.sqrt(a_prev) * beta / (1 - a_t)
-            ct = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
-            var = (1 - a_prev) / (1 - a_t) * beta  # β̃
-            x = c0 * x0 + ct * x
-            if var > 0:
-                x = x + math.sqrt(var) * _noise_like(x, generator)
-        else:
-            x, old_x0, old_h = _dpmpp_2m_step(x, x0, a_t, a_prev, old_x0, old_h)
+        yield i, t, ac[t], ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
+
+
+def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε, x0) at grid timestep t: x0 = (x − √(1−ᾱ_t)·ε) / √ᾱ_t."""
+    eps = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+    return eps, (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+
+
+@torch.no_grad()
+def ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
+         generator: torch.Generator | None = None, t_start: int | None = None,
+         callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021): x' = √ᾱ'·x0 + √(1−ᾱ'−σ²)·ε + σ·z, σ² = η²·(1−ᾱ')/(1−ᾱ)·(1−ᾱ/ᾱ');
+    η = 0 is deterministic."""
+    for i, t, a_t, a_prev in _grid(schedule, steps, t_start):
+        eps, x0 = _predict(model_fn, x, t, a_t)
+        var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
+        if var > 0:
+            x = x + math.sqrt(var) * _noise_like(x, generator)
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+@torch.no_grad()
+def ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
+         generator: torch.Generator | None = None, t_start: int | None = None,
+         callback: Callback | None = None) -> torch.Tensor:
+    """Ancestral DDPM on the strided grid: x' ~ q(x' | x, x0) with β = 1 − ᾱ/ᾱ', variance β̃ = (1−ᾱ')/(1−ᾱ)·β.
+    `eta` is ignored (the variance is DDPM's)."""
+    for i, t, a_t, a_prev in _grid(schedule, steps, t_start):
+        eps, x0 = _predict(model_fn, x, t, a_t)
+        beta = 1 - a_t / a_prev
+        c0 = math.sqrt(a_prev) * beta / (1 - a_t)
+        ct = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+        var = (1 - a_prev) / (1 - a_t) * beta  # β̃
+        x = c0 * x0 + ct * x
+        if var > 0:
+            x = x + math.sqrt(var) * _noise_like(x, generator)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
+             generator: torch.Generator | None = None, t_start: int | None = None,
+             callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), deterministic: `eta` and `generator` are ignored."""
+    old_x0: torch.Tensor | None = None  # previous data prediction
+    old_h: float | None = None
+    for i, t, a_t, a_prev in _grid(schedule, steps, t_start):
+        _, x0 = _predict(model_fn, x, t, a_t)
+        x, old_x0, old_h = _dpmpp_2m_step(x, x0, a_t, a_prev, old_x0, old_h)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+Sampler = Callable[..., torch.Tensor]
+SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler function called `name`; every one has the signature of `ddim`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 def _dpmpp_2m_step(

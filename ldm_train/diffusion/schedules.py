@@ -1,4 +1,7 @@
-"""Noise schedules and the x0 / eps / v parameterizations of the forward process."""
+"""Noise schedules of the discrete forward process and its x0 / ε / v conversions.
+
+What the network predicts (its target, ε and x0 from its output) is owned by parameterization.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import math
 import torch
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
-PREDICTION_TYPES = ("eps", "v")
 
 
 def make_betas(
@@ -33,12 +35,6 @@ def make_betas(
         # near u=1 f→0 and betas→1, which would make ᾱ_T exactly 0 (infinite -log SNR)
         return betas.clamp(max=0.999)
     raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-
-
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        valid = ", ".join(PREDICTION_TYPES)
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {valid}")
 
 
 class NoiseSchedule:
@@ -107,43 +103,9 @@ class NoiseSchedule:
         a, s = self._coefs(t, x_t)
         return ((x_t - a * x0) / s).to(x_t.dtype)
 
-    def to_eps(
-        self,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        model_out: torch.Tensor,
-        prediction_type: str,
-    ) -> torch.Tensor:
-        """ε from the network output: eps → as is, v → √(1-ᾱ_t)·x_t + √ᾱ_t·v."""
-        _check_prediction_type(prediction_type)
-        if prediction_type == "eps":
-            return model_out
-        return self.eps_from_v(x_t, t, model_out)
-
-    def target(
-        self,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-        prediction_type: str,
-    ) -> torch.Tensor:
-        """Training target: eps → ε, v → √ᾱ_t·ε − √(1-ᾱ_t)·x0."""
-        _check_prediction_type(prediction_type)
-        if prediction_type == "eps":
-            return noise
-        return self.v_target(x0, t, noise)
-
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = ᾱ_t / (1-ᾱ_t), float32 (B,) on t's device."""
         return self._table("_snr", t.device, torch.float32)[t]
-
-    def min_snr_weight(self, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-        """Min-SNR-γ weight (B,): eps → min(SNR, γ)/SNR, v → min(SNR, γ)/(SNR+1)."""
-        _check_prediction_type(prediction_type)
-        snr = self.snr(t)
-        # relative to the x0-loss, the v-loss carries a factor SNR+1 and eps carries SNR
-        denom = snr if prediction_type == "eps" else snr + 1
-        return snr.clamp(max=gamma) / denom
 
 
 def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

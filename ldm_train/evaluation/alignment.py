@@ -14,12 +14,13 @@ def eval_captions(n: int, seed: int = 1234) -> list[str]:
 
 
 @torch.no_grad()
-def alignment_scores(generate_fn, n: int, guidance_scale: float, batch_size: int = 64, seed: int = 0) -> dict:
-    """caption_alignment_cfg (guidance_scale), _nocfg (guidance 1) and _null (empty prompt, chance level).
+def alignment_scores(pipeline, n: int, batch_size: int = 64) -> dict:
+    """caption_alignment_cfg (the pipeline's guidance scale), _nocfg (guidance 1) and _null (empty prompt, chance
+    level), with the pipeline's sampling settings; batch i is sampled with seed `sampling.seed + i`.
 
-    `generate_fn(prompts, guidance_scale, seed) -> images`. A sample counts only when colour, shape and
-    position all match its caption.
+    A sample counts only when colour, shape and position all match its caption.
     """
+    guidance_scale, seed = float(pipeline.sampling["guidance_scale"]), int(pipeline.sampling["seed"])
     captions = eval_captions(n)
     settings = {"caption_alignment_cfg": (None, guidance_scale), "caption_alignment_nocfg": (None, 1.0),
                 "caption_alignment_null": ("", 1.0)}
@@ -29,7 +30,7 @@ def alignment_scores(generate_fn, n: int, guidance_scale: float, batch_size: int
         for i in range(0, n, batch_size):
             targets = captions[i:i + batch_size]
             prompts = [prompt_override if prompt_override is not None else c for c in targets]
-            images = generate_fn(prompts, scale, seed + i)
+            images = pipeline.generate(prompts, guidance_scale=scale, seed=seed + i)
             hits += caption_alignment(images, targets) * len(targets)
         out[key] = hits / n
     out["caption_alignment_guidance_scale"] = guidance_scale

@@ -1,4 +1,4 @@
-"""Stage-2 LightningModule: ε/v-prediction on scaled latents with CFG dropout, EMA and sample grids."""
+"""Stage-2 LightningModule: the parameterisation's loss on scaled latents with CFG dropout, EMA and sample grids."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_train.diffusion.ema import EMA
-from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
+from ldm_train.diffusion.schedules import offset_noise
 from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
 from ldm_train.pipeline.first_stage import FirstStage
-from ldm_train.sampling import generate
+from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
 from ldm_train.utils.images import save_grid
 
@@ -37,20 +37,22 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class DiffusionModule(L.LightningModule):
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, first_stage: FirstStage, cfg: dict,
-                 resolution: int, out_dir: str | None = None, alignment_fn=None, channels_last: bool = True):
+    """Trains the denoiser (and a jointly trained text encoder) of `pipeline`; `cfg` is the `diffusion` config."""
+
+    def __init__(self, pipeline: LatentDiffusionPipeline, cfg: dict, out_dir: str | None = None, alignment_fn=None,
+                 channels_last: bool = True):
         super().__init__()
         self.channels_last = channels_last
+        unet, text_encoder, first_stage = pipeline.denoiser, pipeline.text_encoder, pipeline.first_stage
         if channels_last:  # before the EMA copy, so both share one layout
             unet.to(memory_format=torch.channels_last)
             first_stage.use_channels_last()  # encoding is a third of a small stage-2 step on a CPU
         self.unet, self.text_encoder, self.first_stage = unet, text_encoder, first_stage
+        self._pipeline = [pipeline]  # in a list: its modules are registered above, not a second time
+        self.parameterization = pipeline.parameterization
         self.cfg = cfg
-        self.resolution = resolution
         self.out_dir = out_dir
         self.alignment_fn = alignment_fn
-        self.schedule = NoiseSchedule.from_name(cfg["schedule"], cfg["num_timesteps"], beta_start=cfg["beta_start"],
-                                                beta_end=cfg["beta_end"])
         parts = {"unet": unet}
         if getattr(text_encoder, "trainable", False):
             parts["text_encoder"] = text_encoder
@@ -67,27 +69,34 @@ class DiffusionModule(L.LightningModule):
         """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly."""
         return self._trainable[0]
 
-    def ema_models(self) -> tuple[nn.Module, nn.Module]:
-        """(EMA U-Net, text encoder to sample with: its EMA copy when it trains jointly, else the frozen one)."""
-        ema = self.ema.module
-        return ema["unet"], ema["text_encoder"] if "text_encoder" in ema else self.text_encoder
+    def ema_pipeline(self) -> LatentDiffusionPipeline:
+        """The pipeline with the EMA weights (the text encoder's EMA copy when it trains jointly, else the frozen
+        one): what validation samples from and what the artifact stores."""
+        ema, pipe = self.ema.module, self._pipeline[0]
+        text = ema["text_encoder"] if "text_encoder" in ema else self.text_encoder
+        return LatentDiffusionPipeline(self.first_stage, ema["unet"], text, self.parameterization, pipe.config)
 
-    def diffusion_loss(self, z0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """MSE between the U-Net output and the ε (or v) target at uniform t, optionally min-SNR-γ weighted."""
-        c = self.cfg
-        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=z0.device)
-        noise = torch.randn_like(z0)
+    def diffusion_loss(self, z0: torch.Tensor, context: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE between the network output and the parameterisation's target at uniform t, optionally min-SNR-γ
+        weighted. t and the noise come from `generator` when given (validation), else from the global RNG."""
+        c, param = self.cfg, self.parameterization
+        t = param.sample_timesteps(z0.shape[0], z0.device, generator)
+        if generator is None:
+            noise = torch.randn_like(z0)
+        else:
+            noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=z0.dtype).to(z0.device)
         if c["offset_noise"]:
-            noise = offset_noise(noise, c["offset_noise"])
-        zt = self.schedule.q_sample(z0, t, noise)  # (B, C, h, w)
+            noise = offset_noise(noise, c["offset_noise"], generator)
+        zt = param.noised(z0, t, noise)  # (B, C, h, w)
         if self.channels_last:
             zt = zt.contiguous(memory_format=torch.channels_last)
         net = self._compiled[0] if self._compiled and self.training and not self.counting_flops else self.unet
         out = net(zt, t, context)
-        target = self.schedule.target(z0, t, noise, c["prediction_type"])
+        target = param.target(z0, t, noise)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
         if c["min_snr_gamma"]:
-            mse = mse * self.schedule.min_snr_weight(t, c["min_snr_gamma"], c["prediction_type"]).to(mse)
+            mse = mse * param.min_snr_weight(t, c["min_snr_gamma"]).to(mse)
         return mse.mean()
 
     @staticmethod
@@ -100,9 +109,7 @@ class DiffusionModule(L.LightningModule):
     def condition(self, batch: dict, drop: torch.Tensor | None) -> torch.Tensor:
         if "context" in batch:  # cached embeddings of the frozen text encoder; dropped rows get its null context
             ctx = batch["context"]  # (B, L, dim)
-            if drop is None:
-                return ctx
-            return torch.where(drop.to(ctx.device).view(-1, 1, 1), self.text_encoder.null(len(ctx)).to(ctx), ctx)
+            return self.text_encoder.with_null(ctx, drop)
         return self.text_encoder(list(batch["caption"]), labels=batch.get("label"), drop=drop)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -139,19 +146,15 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         z0 = self.batch_latents(self.first_stage, batch, sample=False)
+        # its own generator: validation never touches (or reseeds) a global CPU or CUDA generator
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-            loss = self.diffusion_loss(z0, self.condition(batch, None))
+        loss = self.diffusion_loss(z0, self.condition(batch, None), generator=gen)
         self.log("val/loss", loss, sync_dist=True, batch_size=len(z0))
 
     def on_validation_epoch_end(self) -> None:
         c = self.cfg
         prompts = [p for p in c["val_prompts"] for _ in range(c["val_n_per_prompt"])]
-        unet, text = self.ema_models()
-        images = generate(unet, text, self.first_stage, self.schedule, prompts, resolution=self.resolution,
-                          prediction_type=c["prediction_type"], guidance_scale=c["val_guidance_scale"],
-                          sampler=c["val_sampler"], steps=c["val_steps"], seed=0)
+        images = self.ema_pipeline().generate(prompts)  # the run's `sampling` settings
         if self.alignment_fn is not None:
             self.log("val/caption_alignment", self.alignment_fn(images, prompts), sync_dist=True)
         if self.trainer.is_global_zero:

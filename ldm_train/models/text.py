@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm_train.config import ConfigError
+
 
 class Conditioner(nn.Module):
     """Base: `dim` (context width), `trainable`, `seq_len`, forward(captions, labels, drop) and null(batch_size)."""
@@ -16,6 +18,7 @@ class Conditioner(nn.Module):
     dim: int
     seq_len: int
     trainable: bool = True
+    needs_labels: bool = False  # conditioned on class labels (B,) instead of captions
 
     def encode(self, captions: list[str], labels: torch.Tensor | None = None) -> torch.Tensor:
         """Conditioning without any dropout -> (B, L, dim)."""
@@ -29,10 +32,22 @@ class Conditioner(nn.Module):
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         """Encode a batch; rows where `drop` (B,) is True get exactly the null conditioning."""
         ctx = self.encode(list(captions) if captions is not None else [], labels)  # (B, L, dim)
+        return self.with_null(ctx, drop)
+
+    def with_null(self, ctx: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """CFG dropout, the one place it happens: rows of `ctx` (B, L, dim) where `drop` (B,) is True become
+        exactly the null conditioning (also for cached contexts of a frozen encoder)."""
         if drop is None:
             return ctx
         drop = drop.to(device=ctx.device, dtype=torch.bool).view(-1, 1, 1)  # (B, 1, 1)
-        return torch.where(drop, self.null(ctx.shape[0]).to(ctx.dtype), ctx)
+        return torch.where(drop, self.null(ctx.shape[0]).to(ctx), ctx)
+
+    def unconditional(self, negative_prompt: str, batch_size: int) -> torch.Tensor:
+        """The unconditional branch of guided sampling: the negative prompt's encoding, or the null conditioning
+        when it is empty. (B, L, dim)."""
+        if not negative_prompt:
+            return self.null(batch_size)
+        return self.encode([negative_prompt] * batch_size)
 
 
 class _FrozenEncoder(Conditioner):
@@ -88,15 +103,6 @@ class _FrozenEncoder(Conditioner):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
-
-    def forward(self, captions: list[str] | None = None, labels: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode captions, substituting "" for dropped rows so their captions are never encoded."""
-        captions = list(captions or [])
-        if drop is not None:
-            flags = drop.detach().cpu().tolist()  # captions are host strings, so one host sync is unavoidable
-            captions = ["" if f else c for c, f in zip(captions, flags)]
-        return super().forward(captions, labels, drop)
 
     def null(self, batch_size: int) -> torch.Tensor:
         """Encoding of the empty caption repeated (B, L, dim)."""
@@ -242,6 +248,7 @@ class ClassEncoder(Conditioner):
     """Class-label embedding (B, 1, dim); row num_classes is the learned null (DiT-style label dropout)."""
 
     trainable = True
+    needs_labels = True
 
     def __init__(self, num_classes: int, dim: int = 512):
         super().__init__()
@@ -254,12 +261,13 @@ class ClassEncoder(Conditioner):
             raise ValueError("ClassEncoder needs `labels` (B,) class indices; captions are ignored")
         return self.embedding(labels.to(self.embedding.weight.device).long())[:, None]
 
-    def forward(self, captions: list[str] | None = None, labels: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Replace dropped labels by the null index before the lookup (no host sync)."""
-        if labels is not None and drop is not None:
-            labels = torch.where(drop.to(labels.device, torch.bool), self.num_classes, labels.long())
-        return self.encode([], labels)
+    def unconditional(self, negative_prompt: str, batch_size: int) -> torch.Tensor:
+        """The learned null row: a class-label model has no captions, so a negative prompt cannot be encoded."""
+        if negative_prompt:
+            raise ConfigError(f"negative_prompt={negative_prompt!r} needs a text encoder, but this model is "
+                              "conditioned on class labels (text_encoder=class), which have no negative; leave "
+                              "negative_prompt empty: the unconditional branch is the learned null label")
+        return self.null(batch_size)
 
     def null(self, batch_size: int) -> torch.Tensor:
         """The learned null row repeated (B, 1, dim)."""

@@ -101,23 +101,19 @@ def real_set(cfg: DictConfig, resolution: int, n: int) -> list[dict]:
 
 @torch.no_grad()
 def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tuple[dict, Path]:
-    from ldm_train.sampling import generate
-    from ldm_train.stages.sample import load_pipeline
+    from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 
-    unet, text_encoder, first_stage, schedule, config = load_pipeline(diffusion_dir(cfg))
+    pipe = LatentDiffusionPipeline.from_artifact(diffusion_dir(cfg))
+    config = pipe.config
     shapes = config.get("data") == "shapes"
     if shapes:
-        from ldm_train.data.shapes import attributes_to_label, caption_alignment, parse_caption
+        from ldm_train.data.shapes import caption_alignment, captions_to_labels
     fd = frechet(features) if features else None
     hits, n, grid = 0.0, 0, None
     for i, batch in enumerate(real_set(cfg, config["resolution"], cfg.eval.num_samples)):
         captions = list(batch["caption"])
-        labels = None
-        if config["text_encoder"]["name"] == "class":
-            labels = torch.tensor([attributes_to_label(*parse_caption(c)) for c in captions])
-        images = generate(unet, text_encoder, first_stage, schedule, captions, resolution=config["resolution"],
-                          prediction_type=config["diffusion"]["prediction_type"], guidance_scale=cfg.guidance_scale,
-                          sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=cfg.seed + i, labels=labels)
+        labels = captions_to_labels(captions) if pipe.text_encoder.needs_labels else None
+        images = pipe.generate(captions, **{**cfg.sampling, "seed": cfg.sampling.seed + i}, labels=labels)
         if fd is not None:
             fd.update(unit(batch["image"]), real=True)
             fd.update(unit(images), real=False)
@@ -128,8 +124,8 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
             k = min(8, len(images))
             grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
                              scale=max(1, 64 // config["resolution"]))
-    metrics = {"eval_samples": n, "eval_sampler": cfg.sampler, "eval_steps": cfg.steps,
-               "eval_guidance_scale": float(cfg.guidance_scale)}
+    metrics = {"eval_samples": n, "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
+               "eval_guidance_scale": float(cfg.sampling.guidance_scale)}
     if fd is not None:
         metrics[features.fid_key] = float(fd.compute())
     if shapes:
@@ -137,12 +133,13 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
     return metrics, grid
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, only: list[str] | None = None) -> dict:
+    """Evaluate the artifacts `only` names ("autoencoder", "diffusion"), else those `eval.target` chooses."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank != 0:  # after a multi-device pipeline: one process evaluates, on the full sets
         return {}
-    todo = targets(cfg)
+    todo = only or targets(cfg)
     features = feature_network(cfg)
     info = {"features": features.name if features else "none"}
     if features and features.weights_sha256:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
 from ldm_train.lit.trainer import finish_logger
@@ -18,6 +18,7 @@ from ldm_train.stages import sample as sample_stage
 from ldm_train.utils.distributed import rank
 
 log = logging.getLogger(__name__)
+HEADLINE_METRIC = "caption_alignment_cfg"  # what `main()` returns to a Hydra sweeper (shapes data)
 
 
 def reusable_autoencoder(cfg: DictConfig) -> dict | None:
@@ -55,13 +56,9 @@ def run(cfg: DictConfig) -> dict:
     if rank() != 0:  # under DDP the other ranks stop here: samples, grid and metrics.json are written once
         return d_metrics
     log.info("== samples ==")
-    with open_dict(cfg):
-        cfg.out_dir = str(run_dir(cfg) / "samples")
-    samples = sample_stage.run(cfg)
+    samples = sample_stage.run(cfg, out_dir=run_dir(cfg) / "samples")
     log.info("== evaluate ==")
-    with open_dict(cfg):
-        cfg.eval.target = "both"
-    e_metrics = evaluate_stage.run(cfg)
+    e_metrics = evaluate_stage.run(cfg, only=["autoencoder", "diffusion"])
     metrics = {"recon_psnr": ae_metrics.get("psnr"), "scale_factor": ae_metrics.get("scale_factor"),
                **{k: v for k, v in d_metrics.items() if k.startswith("caption_alignment")},
                **e_metrics,  # recon_psnr over the whole validation set replaces stage 1's few-batch value

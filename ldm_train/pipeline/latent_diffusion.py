@@ -1,0 +1,136 @@
+"""The trained model at the seam: frozen first stage (with its scale factor), denoiser, text encoder,
+parameterisation and default sampling settings, loaded from and saved as one diffusion artifact.
+
+Every caller that makes images (validation grids, `stage=sample`, `stage=evaluate`, caption-alignment scoring,
+the benchmarks) goes through `LatentDiffusionPipeline.generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm_train.config import ConfigError
+from ldm_train.diffusion.guidance import cfg_model_fn
+from ldm_train.diffusion.parameterization import Parameterization, build_parameterization
+from ldm_train.diffusion.samplers import get_sampler
+from ldm_train.models.text import Conditioner, build_text_encoder
+from ldm_train.models.unet import UNet
+from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
+from ldm_train.pipeline.first_stage import FirstStage
+
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed")
+
+
+def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int) -> nn.Module:
+    """The denoising network of a `unet` config, checked against the latents and the text encoder's width."""
+    cfg = dict(unet_cfg)
+    if cfg["context_dim"] != context_dim:
+        raise ConfigError(f"unet.context_dim={cfg['context_dim']} but the text encoder's width is {context_dim}; "
+                          "leave unet.context_dim=${text_encoder.dim} or set it to the encoder's width")
+    in_channels = cfg.pop("in_channels", latent_channels)
+    if in_channels != latent_channels:
+        raise ConfigError(f"unet.in_channels={in_channels} but the autoencoder's latents have {latent_channels} "
+                          "channels; remove the override (it follows the artifact)")
+    return UNet(in_channels=latent_channels, **cfg)
+
+
+class LatentDiffusionPipeline:
+    """Text → latent sampler with CFG → first-stage decoder. `config` is what the artifact's config.yaml holds:
+    {unet, text_encoder, diffusion, sampling, resolution, latent_channels, f, regularizer, data}."""
+
+    def __init__(self, first_stage: FirstStage, denoiser: nn.Module, text_encoder: Conditioner,
+                 parameterization: Parameterization, config: dict):
+        self.first_stage, self.denoiser, self.text_encoder = first_stage, denoiser, text_encoder
+        self.parameterization = parameterization
+        self.config = config
+        self.resolution = int(config["resolution"])
+        self.sampling = {k: config.get("sampling", {}).get(k) for k in SAMPLING_KEYS}
+
+    # ------------------------------------------------------------------------------------------- build / load
+
+    @staticmethod
+    def artifact_config(*, unet: dict, text_encoder: dict, diffusion: dict, sampling: dict, resolution: int,
+                        first_stage: FirstStage, data: str) -> dict:
+        """Everything needed to rebuild and sample the model: the artifact's config.yaml."""
+        return {"unet": dict(unet), "text_encoder": dict(text_encoder), "diffusion": dict(diffusion),
+                "sampling": {k: sampling[k] for k in SAMPLING_KEYS}, "resolution": int(resolution),
+                "latent_channels": first_stage.latent_channels, "f": first_stage.downsample_factor,
+                "regularizer": first_stage.autoencoder.arch["regularizer"]["name"], "data": data}
+
+    @classmethod
+    def build(cls, first_stage: FirstStage, config: dict) -> LatentDiffusionPipeline:
+        """Fresh (untrained) denoiser and text encoder for `config` (see `artifact_config`)."""
+        text_encoder = build_text_encoder(config["text_encoder"])
+        denoiser = build_denoiser(config["unet"], first_stage.latent_channels, text_encoder.dim)
+        return cls(first_stage, denoiser, text_encoder, build_parameterization(config["diffusion"]), config)
+
+    @classmethod
+    def from_artifact(cls, path: Path | str) -> LatentDiffusionPipeline:
+        """Load a diffusion artifact (EMA weights) with the autoencoder it was trained on; frozen, eval mode."""
+        path = Path(path)
+        config, ae_path = read_diffusion(path)
+        pipe = cls.build(FirstStage.from_artifact(ae_path), config)
+        if (path / "text_encoder.safetensors").exists():
+            pipe.text_encoder.load_state_dict(load_weights(path / "text_encoder.safetensors"))
+        pipe.denoiser.load_state_dict(load_weights(path / "model.safetensors"))
+        pipe.denoiser.eval().requires_grad_(False)
+        pipe.text_encoder.eval().requires_grad_(False)
+        return pipe
+
+    def save(self, path: Path | str, metrics: dict) -> None:
+        """Write the diffusion artifact (atomically): denoiser, a jointly trained text encoder, config, the
+        autoencoder reference (path + content hash), metrics."""
+        trained_text = self.text_encoder if getattr(self.text_encoder, "trainable", False) else None
+        save_diffusion(Path(path), self.denoiser, trained_text, self.config, self.first_stage.path, metrics)
+
+    def to(self, device: torch.device | str) -> LatentDiffusionPipeline:
+        for part in (self.first_stage, self.denoiser, self.text_encoder):
+            part.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    # ------------------------------------------------------------------------------------------------ sample
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None, eta: float | None = None, seed: int | None = None,
+                 negative_prompt: str = "", labels: torch.Tensor | None = None,
+                 init_image: torch.Tensor | None = None, strength: float = 1.0,
+                 resolution: int | None = None) -> torch.Tensor:
+        """One image per prompt (repeat prompts for more), in [-1, 1], shape (N, 3, H, W).
+
+        Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The unconditional CFG
+        branch is the negative prompt's encoding, or the null conditioning when it is empty. img2img: `init_image`
+        (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there; strength 0 returns its
+        reconstruction, strength 1 ignores it.
+        """
+        s = {**self.sampling, **{k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                                        eta=eta, seed=seed).items() if v is not None}}
+        device, n = self.device, len(prompts)
+        gen = torch.Generator(device="cpu").manual_seed(int(s["seed"]))
+        context = self.text_encoder(list(prompts), labels=labels)  # (N, L, D)
+        null = self.text_encoder.unconditional(negative_prompt, n)
+        shape = (n, *self.first_stage.latent_shape(resolution or self.resolution))
+        x = torch.randn(shape, generator=gen).to(device)
+        t_start = None
+        if init_image is not None:
+            z0 = self.first_stage.encode(init_image.to(device).expand(n, -1, -1, -1), sample=False)
+            if strength <= 0:
+                return self.first_stage.decode(z0)
+            if strength < 1:
+                T = self.parameterization.num_timesteps
+                t_start = min(T - 1, max(0, round(strength * T) - 1))
+                x = self.parameterization.noised(z0, torch.full((n,), t_start, dtype=torch.long, device=device), x)
+        model_fn = cfg_model_fn(self.denoiser, context, null.to(context.dtype), float(s["guidance_scale"]),
+                                self.parameterization)
+        z = get_sampler(s["sampler"])(model_fn, x, self.parameterization.schedule, int(s["steps"]),
+                                      eta=float(s["eta"]), generator=gen, t_start=t_start)
+        return self.first_stage.decode(z)
