@@ -237,3 +237,13 @@ def test_quickstart_composes_and_validates(compose_cfg):
     assert (arch["f"], arch["regularizer"]["name"], arch["resolution"]) == (4, "kl", 32)
     assert cfg.text_encoder.name == "minilm" and cfg.unet.context_dim == 384
     assert cfg.autoencoder.max_time and cfg.diffusion.max_time and cfg.diffusion.eval_samples > 0
+
+
+def test_main_returns_the_stage_headline_metric():
+    """`main()` hands a Hydra sweeper the stage's headline number (its module's HEADLINE_METRIC)."""
+    from ldm_train.__main__ import headline
+
+    assert headline("pipeline", {"caption_alignment_cfg": 0.9, "fd_shapes": 3.0}) == 0.9
+    assert headline("autoencoder", {"psnr": 31.5, "ssim": 0.9}) == 31.5
+    assert headline("diffusion", {"steps": 12}) is None  # no val/loss: nothing to optimise
+    assert headline("calibrate", {"scale_factor": 1.2}) is None  # no headline metric declared
