@@ -21,6 +21,7 @@ from ldm_train.models.text import build_text_encoder
 from ldm_train.models.unet import UNet
 from ldm_train.pipeline.artifacts import save_diffusion
 from ldm_train.pipeline.first_stage import FirstStage
+from ldm_train.pipeline.provenance import provenance
 from ldm_train.sampling import generate
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def run(cfg: DictConfig) -> dict:
     target = diffusion_dir(cfg)
     if trainer.is_global_zero:
         save_diffusion(target, ema_unet, ema_text if text_encoder.trainable else None,
-                       diffusion_config(cfg, first_stage), first_stage.path, metrics)
+                       diffusion_config(cfg, first_stage), first_stage.path, metrics,
+                       provenance(cfg, "diffusion", trainer.global_step, first_stage.path))
         log.info("wrote diffusion artifact %s", target)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
