@@ -136,8 +136,8 @@ def resolve_checkpoint(cfg) -> str | None:
                 f"config; the newest, {newest_skipped[0]}, differs in {newest_skipped[1]} (checkpoint's → this "
                 "run's). Resume with that run's settings, start without ckpt_path, or give a file: ckpt_path=<path>")
         if newest_skipped is not None:
-            log.info("ckpt_path=last: skipped %d newer checkpoint(s) with another config (the newest, %s, differs "
-                     "in %s)", len(newer), newest_skipped[0], newest_skipped[1])
+            log.warning("ckpt_path=last: skipped %d newer checkpoint(s) with another config (the newest, %s, "
+                        "differs in %s)", len(newer), newest_skipped[0], newest_skipped[1])
         if path is None:
             raise CheckpointError(
                 f"ckpt_path=last: no checkpoints/last.ckpt of an earlier stage={cfg.stage} name={cfg.name} run next "
