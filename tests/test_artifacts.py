@@ -20,7 +20,7 @@ from ldm_train.models.autoencoder import Autoencoder
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
 from ldm_train.utils.io import atomic_write_dir, atomic_write_text
 
-ARTIFACT_FILES = {"model.safetensors", "config.yaml", "calibration.json", "metrics.json"}
+ARTIFACT_FILES = {"model.safetensors", "config.yaml", "calibration.json", "metrics.json", "provenance.json"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,14 @@ def test_artifact_files(smoke_autoencoder):
     assert {p.name for p in artifact.iterdir()} == ARTIFACT_FILES
     assert [p.name for p in artifact.parent.iterdir()] == ["kl_f4"]  # no .tmp-/.old- directories left behind
     assert [p.name for p in smoke_autoencoder["artifacts"].iterdir()] == ["autoencoder"]
+
+
+def test_provenance_of_a_trained_artifact(smoke_autoencoder):
+    """The stage writes provenance.json (its fields are tested in test_provenance.py): what it trained on, how long."""
+    prov = _json(smoke_autoencoder["artifact"] / "provenance.json")
+    assert prov["stage"] == "autoencoder" and prov["steps"] == smoke_autoencoder["metrics"]["steps"] == 12
+    assert prov["data"] == {"name": "shapes", "resolution": 16} and prov["experiment"] is None
+    assert prov["config"]["autoencoder"]["ch"] == 16 and len(prov["config_hash"]) == 64
 
 
 def test_config_yaml_is_the_resolved_architecture(compose_cfg, smoke_autoencoder):

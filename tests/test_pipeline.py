@@ -4,10 +4,12 @@ import json
 
 from PIL import Image
 
+from ldm_train.pipeline.artifacts import content_hash
+
 KEYS = ("recon_psnr", "caption_alignment_cfg", "caption_alignment_nocfg", "caption_alignment_null", "wall_seconds")
 
 
-def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features):
+def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features, caplog):
     from ldm_train.__main__ import run
 
     cfg = compose_cfg(["experiment=smoke", "stage=pipeline", "diffusion.eval_samples=4", "n_per_prompt=1",
@@ -27,6 +29,9 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features
     assert metrics["autoencoder_reused"] is False and metrics["diffusion_ms_per_step"] > 0
     assert Image.open(metrics["grid"]).size[0] > 16
     assert (tmp_path / "a" / "diffusion" / "kl_f4" / "model.safetensors").exists()
+    prov = json.loads((tmp_path / "a" / "diffusion" / "kl_f4" / "provenance.json").read_text())
+    assert prov["stage"] == "diffusion" and prov["steps"] == 12 and prov["data"]["name"] == "shapes"
+    assert prov["config"]["autoencoder_content_hash"] == content_hash(tmp_path / "a" / "autoencoder" / "kl_f4")
 
     # a second run reuses the stage-1 artifact instead of retraining it
     before = (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns
@@ -34,5 +39,7 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features
                         "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
                         f"paths.run_dir={tmp_path}/r2", "eval.features=none", "eval.num_samples=2",
                         "eval.batch_size=2"])
-    assert run(cfg2)["autoencoder_reused"] is True
+    with caplog.at_level("INFO"):
+        assert run(cfg2)["autoencoder_reused"] is True
+    assert "reusing stage 1" in caplog.text and "same data (data=shapes (resolution 16))" in caplog.text
     assert (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns == before

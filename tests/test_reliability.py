@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ldm_train.__main__ import run
-from ldm_train.config import ConfigError, validate
+from ldm_train.config import ConfigError, resolved_arch, validate
 from ldm_train.data.resumable import ResumableSampler
 from ldm_train.lit.checkpoints import CheckpointError, find_last_checkpoint, resolve_checkpoint
 from ldm_train.lit.reliability import NonFiniteError, ReliabilityCallback, guard_step, step_is_finite
@@ -250,6 +251,58 @@ def test_ckpt_path_errors_name_the_fix(compose_cfg, tmp_path):
     assert resolve("stage=autoencoder", "ckpt_path=last") == str(other)
     with pytest.raises(ConfigError, match="resume the interrupted stage on its own"):
         resolve("stage=pipeline", f"ckpt_path={other}")
+
+
+def _sibling_run(compose_cfg, runs: Path, folder: str, mtime: float, *overrides: str) -> Path:
+    """A finished stage-2 run next to the others: checkpoints/last.ckpt and Hydra's .hydra/config.yaml (the
+    composed, unresolved config, as Hydra writes it)."""
+    from omegaconf import OmegaConf
+
+    ckpt = _ckpt(runs / folder / "checkpoints" / "last.ckpt", mtime=mtime)
+    cfg = compose_cfg(smoke(runs.parent, f"runs/{folder}", "stage=diffusion", *overrides))
+    (runs / folder / ".hydra").mkdir()
+    OmegaConf.save(cfg, runs / folder / ".hydra" / "config.yaml")
+    return ckpt
+
+
+def test_ckpt_path_last_skips_a_run_with_another_config(compose_cfg, tmp_path, caplog):
+    """A smoke checkpoint next to a full-size run is not resumed; the log names the keys that differ."""
+    runs = tmp_path / "runs"
+    same = _sibling_run(compose_cfg, runs, "t1", 1000)
+    _sibling_run(compose_cfg, runs, "t2", 2000, "unet.model_channels=32", "data.resolution=32")
+    longer = ["stage=diffusion", "ckpt_path=last", "diffusion.max_steps=99"]  # a longer run resumes legitimately
+    with caplog.at_level("INFO"):
+        assert resolve_checkpoint(compose_cfg(smoke(tmp_path, "runs/now", *longer))) == str(same)
+    assert "skipped 1 newer checkpoint(s) with another config" in caplog.text
+    assert "data.resolution: 32 → 16; unet.model_channels: 32 → 16" in caplog.text
+
+    with pytest.raises(CheckpointError) as err:  # no run has this config: the newest one is named
+        resolve_checkpoint(compose_cfg(smoke(tmp_path, "runs/now", "stage=diffusion", "ckpt_path=last",
+                                             "unet.model_channels=64")))
+    message = str(err.value)
+    assert "\n" not in message and "t2/checkpoints/last.ckpt, differs in data.resolution: 32 → 16; " \
+        "unet.model_channels: 32 → 64" in message
+    assert "start without ckpt_path" in message
+
+
+def test_a_checkpoint_of_another_architecture_fails_in_one_line(compose_cfg):
+    """Resuming weights of another shape: one line naming the first keys, not one line per key."""
+    from ldm_train.lit.autoencoder import AutoencoderModule
+
+    def module(*overrides):
+        cfg = compose_cfg(["experiment=smoke", *overrides])
+        loss = OmegaConf.to_container(cfg.autoencoder.loss, resolve=True)
+        return AutoencoderModule(resolved_arch(cfg), loss, 1e-6, 1e-3, channels_last=False)
+
+    ours, theirs = module(), module("autoencoder.ch=32")
+    state = theirs.state_dict()
+    with pytest.raises(CheckpointError) as err:
+        ours.on_load_checkpoint({"state_dict": state})
+    message = str(err.value)
+    n = sum(tuple(v.shape) != tuple(ours.state_dict()[k].shape) for k, v in state.items())
+    assert n > 10 and "\n" not in message and f"weights {n} with another shape" in message
+    assert "autoencoder.encoder.conv_in.weight: [32, 3, 3, 3] in the checkpoint, [16, 3, 3, 3] here" in message
+    ours.on_load_checkpoint({"state_dict": module().state_dict()})  # a fitting checkpoint passes
 
 
 # ---------------------------------------------------------------------------------------------- errors at start

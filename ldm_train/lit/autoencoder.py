@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_train.lit.checkpoints import check_state_shapes
 from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import use_fused_optimizer
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
@@ -117,9 +118,14 @@ class AutoencoderModule(L.LightningModule):
         # checkpoints from before loss.logvar became shape (1,) (FSDP refuses scalars) hold a 0-d tensor and Adam state
         state_dict = checkpoint.get("state_dict", {})
         logvar = state_dict.get("loss.logvar")
-        if logvar is None or logvar.ndim:
-            return
-        state_dict["loss.logvar"] = logvar.reshape(1)
+        if logvar is not None and not logvar.ndim:
+            self._upgrade_scalar_logvar(checkpoint)
+        check_state_shapes(self.state_dict(), state_dict)  # one line, not Lightning's line per mismatched key
+
+    @staticmethod
+    def _upgrade_scalar_logvar(checkpoint: dict) -> None:
+        state_dict = checkpoint["state_dict"]
+        state_dict["loss.logvar"] = state_dict["loss.logvar"].reshape(1)
         for optimizer in checkpoint.get("optimizer_states", []):
             for state in optimizer.get("state", {}).values():  # logvar is the only 0-d parameter
                 for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):

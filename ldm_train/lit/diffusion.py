@@ -12,6 +12,7 @@ from torch import nn
 
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import offset_noise
+from ldm_train.lit.checkpoints import check_state_shapes
 from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
 from ldm_train.pipeline.first_stage import FirstStage
@@ -177,6 +178,7 @@ class DiffusionModule(L.LightningModule):
         # put the frozen weights back so the strict load still checks every trainable key
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self.frozen_prefixes())})
+        check_state_shapes(own, checkpoint["state_dict"])  # one line, not Lightning's line per mismatched key
 
     def configure_optimizers(self):
         c = self.cfg

@@ -5,8 +5,9 @@ Autoencoder artifact `<paths.artifacts>/autoencoder/<regularizer>_f<f>/`:
     config.yaml         the resolved architecture (GroupNorm groups and all); a reload rebuilds exactly this
     calibration.json    scale_factor = 1/std(z) and the health report (missing → stage 2 refuses to run)
     metrics.json        validation metrics of stage 1
+    provenance.json     data, resolution, steps, experiment and the hash of the config that shaped the weights
 Diffusion artifact `<paths.artifacts>/diffusion/<name>/`: model.safetensors (EMA U-Net), config.yaml (U-Net,
-text encoder, schedule), autoencoder.json (path + content hash of its autoencoder), metrics.json.
+text encoder, schedule), autoencoder.json (path + content hash of its autoencoder), metrics.json, provenance.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm_train.config import ConfigError
+from ldm_train.pipeline.provenance import PROVENANCE_FILE, log_replacement
 from ldm_train.utils.io import atomic_write_dir, file_hash
 
 
@@ -49,15 +51,24 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- autoencoder
 
+def write_provenance(directory: Path, provenance: dict | None) -> None:
+    if provenance is not None:
+        (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
 def save_autoencoder(final: Path, model: torch.nn.Module, arch: dict, calibration: dict | None,
-                     metrics: dict) -> None:
+                     metrics: dict, provenance: dict | None = None) -> None:
+    """Weights, architecture, calibration, metrics and provenance (see ldm_train/pipeline/provenance.py)."""
+
     def write(tmp: Path) -> None:
         save_file(state_to_safetensors(model), str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"architecture": arch})))
         if calibration is not None:
             (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_provenance(tmp, provenance)
 
+    log_replacement(final, provenance)
     atomic_write_dir(final, write)
 
 
@@ -122,8 +133,8 @@ def read_calibration(artifact: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- diffusion
 
 def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: dict,
-                   autoencoder: Path, metrics: dict) -> None:
-    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, and the autoencoder reference."""
+                   autoencoder: Path, metrics: dict, provenance: dict | None = None) -> None:
+    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, the autoencoder reference, provenance."""
 
     def write(tmp: Path) -> None:
         save_file(state_to_safetensors(unet), str(tmp / "model.safetensors"))
@@ -133,7 +144,9 @@ def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
         ref = {"path": str(Path(autoencoder).resolve()), "content_hash": content_hash(autoencoder)}
         (tmp / "autoencoder.json").write_text(json.dumps(ref, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_provenance(tmp, provenance)
 
+    log_replacement(final, provenance)
     atomic_write_dir(final, write)
 
 

@@ -82,11 +82,12 @@ class LatentDiffusionPipeline:
         pipe.text_encoder.eval().requires_grad_(False)
         return pipe
 
-    def save(self, path: Path | str, metrics: dict) -> None:
+    def save(self, path: Path | str, metrics: dict, provenance: dict | None = None) -> None:
         """Write the diffusion artifact (atomically): denoiser, a jointly trained text encoder, config, the
-        autoencoder reference (path + content hash), metrics."""
+        autoencoder reference (path + content hash), metrics, and where the weights came from (provenance)."""
         trained_text = self.text_encoder if getattr(self.text_encoder, "trainable", False) else None
-        save_diffusion(Path(path), self.denoiser, trained_text, self.config, self.first_stage.path, metrics)
+        save_diffusion(Path(path), self.denoiser, trained_text, self.config, self.first_stage.path, metrics,
+                       provenance)
 
     def to(self, device: torch.device | str) -> LatentDiffusionPipeline:
         for part in (self.first_stage, self.denoiser, self.text_encoder):

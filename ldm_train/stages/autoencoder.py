@@ -17,6 +17,7 @@ from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.pipeline.artifacts import save_autoencoder
+from ldm_train.pipeline.provenance import provenance
 from ldm_train.stages.calibrate import calibrate_module
 from ldm_train.utils.io import atomic_write_text
 
@@ -74,7 +75,8 @@ def run(cfg: DictConfig) -> dict:
                    perceptual=perceptual, scale_factor=calibration["scale_factor"])
     target = artifacts_root(cfg) / "autoencoder" / f"{arch['regularizer']['name']}_f{arch['f']}"
     if trainer.is_global_zero:
-        save_autoencoder(target, module.autoencoder, arch, calibration, metrics)
+        save_autoencoder(target, module.autoencoder, arch, calibration, metrics,
+                         provenance(cfg, "autoencoder", steps=module.batch_step))
         log.info("wrote autoencoder artifact %s\n%s", target, json.dumps(metrics, indent=1))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

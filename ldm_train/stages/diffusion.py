@@ -19,6 +19,7 @@ from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
+from ldm_train.pipeline.provenance import provenance
 
 log = logging.getLogger(__name__)
 HEADLINE_METRIC = "val/loss"
@@ -79,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
                  metrics["caption_alignment_nocfg"], metrics["caption_alignment_null"])
     target = diffusion_dir(cfg)
     if trainer.is_global_zero:
-        trained.save(target, metrics)
+        trained.save(target, metrics, provenance(cfg, "diffusion", trainer.global_step, first_stage.path))
         log.info("wrote diffusion artifact %s", target)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
 from ldm_train.lit.trainer import finish_logger
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
+from ldm_train.pipeline.provenance import compare, provenance, read_provenance
 from ldm_train.stages import autoencoder as stage1
 from ldm_train.stages import diffusion as stage2
 from ldm_train.stages import evaluate as evaluate_stage
@@ -22,16 +23,30 @@ HEADLINE_METRIC = "caption_alignment_cfg"  # what `main()` returns to a Hydra sw
 
 
 def reusable_autoencoder(cfg: DictConfig) -> dict | None:
-    """The existing artifact's metrics when it has exactly the architecture this run would train."""
+    """The existing artifact's metrics when it was trained exactly as this run would train it (same provenance:
+    data, architecture, training config, seed), else None; one log line says which and why.
+
+    An artifact given explicitly by `autoencoder.path` is used as given (stage 2 reads it whatever stage 1 does);
+    a provenance that differs is then a warning.
+    """
     path = autoencoder_dir(cfg)
+    explicit = bool(cfg.autoencoder.get("path"))
     try:
         model, _ = load_autoencoder(path, cfg.f, cfg.regularizer.name)
-    except ArtifactError:
+    except ArtifactError as exc:
+        log.info("training stage 1: %s", exc if (path / "model.safetensors").exists() else f"no artifact at {path}")
         return None
-    if model.arch != resolved_arch(cfg):
-        log.info("existing %s has another architecture: retraining stage 1", path)
-        return None
-    return json.loads((path / "metrics.json").read_text())
+    same, why = compare(read_provenance(path), provenance(cfg, "autoencoder"), "the existing artifact")
+    if same and model.arch != resolved_arch(cfg):  # its config.yaml was edited after training
+        same, why = False, "the existing artifact's config.yaml holds another architecture than this run's"
+    if same:
+        log.info("reusing stage 1 %s: %s", path, why)
+    elif explicit:
+        log.warning("reusing stage 1 %s as given by autoencoder.path, although %s", path, why)
+    if same or explicit:
+        return json.loads((path / "metrics.json").read_text())
+    log.info("retraining stage 1 (%s): %s", path, why)
+    return None
 
 
 def ms_per_step(metrics: dict) -> float | None:
