@@ -23,8 +23,7 @@ SECTIONS = {"autoencoder": ("data", "f", "seed", "regularizer", "autoencoder"),
 NOT_SHAPING = {
     "data": ("num_workers", "max_skip_fraction", "max_image_pixels"),
     "autoencoder": ("path", "compile", "val_every", "val_batches"),
-    "diffusion": ("compile", "val_every", "val_prompts", "val_n_per_prompt", "val_sampler", "val_steps",
-                  "val_guidance_scale", "sampler", "steps", "guidance_scale", "eval_samples", "latent_std_range"),
+    "diffusion": ("compile", "val_every", "val_prompts", "val_n_per_prompt", "eval_samples", "latent_std_range"),
 }
 # How long a stage trains: continuing a run with a larger max_steps is a legitimate resume (ckpt_path only).
 TRAINING_LENGTH = ("max_steps", "max_time")
