@@ -31,10 +31,16 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
+def image_seed(seed: int, index: int) -> int:
+    """(seed · 2654435761 + index) mod 2³²: a CPU generator keeps only 32 bits of its seed, so mix into those;
+    for one seed, distinct images get distinct seeds."""
+    return (seed * 2654435761 + index) % 2**32
+
+
 def image_noise(shape: Sequence[int], indices: Iterable[int], seed: int) -> torch.Tensor:
-    """ε (len(indices), *shape) with image i's noise drawn from its own generator seeded by (seed, i): the same
-    numbers whatever the batching, the rank that sees the image, or the state of the global generators."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(((seed << 32) + i) % 2**63))
+    """ε (len(indices), *shape) with image i's noise drawn from its own generator seeded by image_seed(seed, i):
+    the same numbers whatever the batching, the rank that sees the image, or the state of the global generators."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(image_seed(seed, i)))
                         for i in indices])
 
 
