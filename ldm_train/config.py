@@ -48,19 +48,17 @@ register_resolvers()
 
 def resolved_arch(cfg: DictConfig) -> dict:
     """The full stage-1 architecture dict that goes into the artifact's config.yaml."""
+    from ldm_train.models.autoencoder import downsample_factor
+    from ldm_train.models.regularizers import regularizer_class
+
     ae, reg = cfg.autoencoder, OmegaConf.to_container(cfg.regularizer, resolve=True)
-    table = dict(ae.arch)
-    reg_arch = {"name": reg["name"]}
-    if reg["name"] == "vq":
-        reg_arch.update(n_embed=table.pop("n_embed"), beta=reg["beta"], restart=reg["restart"],
-                        restart_every=reg["restart_every"])
-    else:
-        reg_arch.update(sample=reg["sample"])
+    table = OmegaConf.to_container(ae.arch, resolve=True)
     arch = dict(f=int(cfg.f), in_channels=ae.in_channels, resolution=cfg.data.resolution, ch=ae.ch,
                 num_res_blocks=ae.num_res_blocks, num_groups=ae.num_groups, dropout=ae.dropout,
                 z_channels=table["z_channels"], ch_mult=list(table["ch_mult"]),
-                attn_resolutions=list(table["attn_resolutions"]), regularizer=reg_arch)
-    f = 2 ** (len(arch["ch_mult"]) - 1)
+                attn_resolutions=list(table["attn_resolutions"]),
+                regularizer=regularizer_class(reg["name"]).arch_entries(reg, table))
+    f = downsample_factor(arch["ch_mult"])
     if f != arch["f"]:
         raise ConfigError(f"ldm_train/arch/f{cfg.f}.yaml has ch_mult {arch['ch_mult']} (f={f}), not f={cfg.f}")
     if cfg.data.resolution % f:
@@ -77,6 +75,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.name == "latents" and cfg.stage not in ("diffusion", "sample"):
         raise ConfigError(f"data=latents (a latent cache) only feeds stage=diffusion; stage={cfg.stage} needs images: "
                           "choose data=shapes, folder or webdataset")
+    if cfg.stage in ("autoencoder", "calibrate", "pipeline"):
+        from ldm_train.pipeline.calibration import calibration_sample
+
+        calibration_sample(cfg)
     if cfg.stage == "autoencoder":
         resolved_arch(cfg)
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):

@@ -171,7 +171,7 @@ class Bench:
         torch.manual_seed(0)
         b = 32 if self.cuda else 8
         ae = _ours(Autoencoder(AE_OURS), self.device)
-        loss = AutoencoderLoss(reduction="sum", reg_weight=1e-6, perceptual=perceptual,
+        loss = AutoencoderLoss(reduction="sum", reg_weight=1e-6, reg_key="kl", perceptual=perceptual,
                                disc=dict(loss_cfg["disc"], in_channels=3), disc_start=0,
                                disc_weight=loss_cfg["disc_weight"]).to(self.device)
         opt_g, opt_d = _adam(ae, fused=True), _adam(loss.discriminator, fused=True)
@@ -207,7 +207,8 @@ class Bench:
         unet = _ours(UNet(**unet_cfg), self.device)
         # a stand-in for the quickstart's MiniLM (same 384 width): the text encoder is not what is measured here
         text = build_text_encoder({"name": "scratch", "dim": 384, "depth": 1, "heads": 4}).to(self.device).eval()
-        first = FirstStage(Autoencoder(QUICK_AE).to(self.device).eval(), {"scale_factor": 1.0, "raw_std": 1.0})
+        first = FirstStage(Autoencoder(QUICK_AE).to(self.device).eval(),
+                           {"scale_factor": 1.0, "raw_std": 1.0, "sample": True})
         return unet, text, first
 
     def sampling(self) -> None:

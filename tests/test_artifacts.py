@@ -97,7 +97,8 @@ def test_scale_factor_is_one_over_latent_std(compose_cfg, request, which):
     assert cal["num_samples"] == len(x) == min(n, cfg.data.val_size)
     assert cal["num_elements"] == z.numel()
     assert cal["scaled_std"] == pytest.approx(1.0, rel=1e-6)
-    assert cal["latent"] == ("posterior mode" if which == "kl" else "z_q")
+    assert cal["latent"] == ("posterior mode" if which == "kl" else "pre-quantisation z")  # VQ: diffuse=pre_quant
+    assert cal["sample"] is False  # smoke trains stage 2 on the mode (diffusion.sample_posterior=false)
     assert _json(run["artifact"] / "metrics.json")["scale_factor"] == cal["scale_factor"]
 
 

@@ -50,16 +50,17 @@ def test_every_f_builds_with_the_right_latent_shape(compose_cfg, f):
             moments = model.encode_moments(x)
         z_channels = table[reg]["z_channels"]
         assert z.shape == (2, z_channels, res // f, res // f), (f, reg)
-        assert model.z_channels == z_channels and model.downsample_factor == f
+        assert model.z_channels == z_channels and model.f == f
         assert xrec.shape == x.shape
         if reg == "kl":
             assert moments.shape[1] == 2 * z_channels
             assert torch.equal(z, moments[:, :z_channels])  # the mode is the posterior mean
         else:
             assert model.regularizer.n_embed == table[reg]["n_embed"]
+            assert torch.equal(z, moments)  # diffuse=pre_quant (the default): the encoder output, unquantized
             codebook = model.regularizer.embedding.weight
-            flat = z.permute(0, 2, 3, 1).reshape(-1, z_channels)
-            assert (flat[:, None] == codebook[None]).all(-1).any(1).all()  # every latent vector is a code
+            flat = model.regularizer.snap(z).permute(0, 2, 3, 1).reshape(-1, z_channels)
+            assert (flat[:, None] == codebook[None]).all(-1).any(1).all()  # decode's input: every vector a code
 
 
 def test_image_size_not_divisible_by_f_is_refused(compose_cfg):
@@ -265,7 +266,9 @@ RANDOM_ALEX = {"weight": 0.0, "net": "alex", "weights": "random"}
 
 
 def _loss(reduction="sum", disc_loss="hinge", perceptual=None, logvar_init=0.0, disc_start=5, reg_weight=1e-6):
-    return AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, perceptual=perceptual or RANDOM_ALEX,
+    reg_key = "kl" if reduction == "sum" else "vq_loss"
+    return AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, reg_key=reg_key,
+                           perceptual=perceptual or RANDOM_ALEX,
                            disc=dict(DISC), disc_start=disc_start, disc_weight=0.5, disc_loss=disc_loss,
                            logvar_init=logvar_init)
 

@@ -27,10 +27,10 @@ from tests.conftest import compose_cfg, smoke_overrides
 SCALE = 2.5  # a made-up scale factor: what matters is that it is applied exactly once
 
 
-def random_artifact(root: Path, regularizer: str) -> Path:
+def random_artifact(root: Path, regularizer: str, *extra: str) -> Path:
     """An untrained smoke-size autoencoder artifact with a known scale factor (no training needed)."""
     torch.manual_seed(0)
-    arch = resolved_arch(compose_cfg([*smoke_overrides(root), f"regularizer={regularizer}"]))
+    arch = resolved_arch(compose_cfg([*smoke_overrides(root), f"regularizer={regularizer}", *extra]))
     path = root / f"{regularizer}_ae"
     save_autoencoder(path, Autoencoder(arch), arch, {"scale_factor": SCALE, "raw_std": 1 / SCALE}, {})
     return path
@@ -51,13 +51,15 @@ def latents_cfg(out: Path, *extra: str):
                         *extra]).data
 
 
-@pytest.mark.parametrize("regularizer", ["kl", "vq"])
-def test_cached_batch_equals_on_the_fly_encoding(tmp_path, regularizer):
-    ae = random_artifact(tmp_path, regularizer)
-    out, metrics = cache(tmp_path, ae, regularizer)
+@pytest.mark.parametrize(("regularizer", "diffuse", "stores"),
+                         [("kl", None, "mean+std"), ("vq", "pre_quant", "z"), ("vq", "quantized", "z_q")])
+def test_cached_batch_equals_on_the_fly_encoding(tmp_path, regularizer, diffuse, stores):
+    extra = (f"regularizer.diffuse={diffuse}",) if diffuse else ()
+    ae = random_artifact(tmp_path, regularizer, *extra)
+    out, metrics = cache(tmp_path, ae, regularizer, *extra)
     assert metrics["train"] == {"samples": 150} and metrics["val"] == {"samples": 20}
     info = json.loads((out / "cache.json").read_text())
-    assert info["stores"] == ("mean+std" if regularizer == "kl" else "z_q") and info["scaled"] is False
+    assert info["stores"] == stores and info["scaled"] is False
     assert info["shards"]["train"] == ["train-000000.tar", "train-000001.tar"]
     train, val = build_datasets(latents_cfg(out))
     batch = next(iter(make_loader(train, 32, False)))
@@ -70,7 +72,12 @@ def test_cached_batch_equals_on_the_fly_encoding(tmp_path, regularizer):
     cached = DiffusionModule.batch_latents(first_stage, batch, sample=False)
     tol = 2e-3 * fresh.abs().max()  # float16 keeps ~3 significant digits
     assert cached.shape == fresh.shape and (cached - fresh).abs().max() <= tol
-    raw = first_stage.autoencoder.latent(images, sample=False)
+    ae_model = first_stage.autoencoder
+    moments = ae_model.encode_moments(images)
+    if regularizer == "kl":
+        raw = moments[:, : ae_model.z_channels]  # the posterior mean
+    else:  # the encoder output, or its nearest codes
+        raw = moments if diffuse == "pre_quant" else ae_model.regularizer.quantize(moments)[0]
     assert torch.allclose(cached, raw * SCALE, atol=float(tol))  # the scale factor once, not zero or two times
     torch.manual_seed(1)
     fresh_sample = first_stage.encode(images, sample=True)

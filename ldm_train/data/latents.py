@@ -3,7 +3,8 @@
 Layout of a cache folder:
     cache.json          autoencoder path + content hash, f, regularizer, latent shape, dtype, sample counts,
                         and the text encoder config when its embeddings are cached
-    train-000000.tar …  per sample: mean.npy + std.npy (KL posterior) or zq.npy (VQ), txt, cls, [ctx.npy]
+    train-000000.tar …  per sample: mean.npy + std.npy (KL posterior), z.npy (VQ, pre-quantisation) or zq.npy
+                        (VQ, quantized), txt, cls, [ctx.npy]
     val-000000.tar …
 Raw latents only: FirstStage.from_cache applies the scale factor (and samples z ~ N(mean, std²) for KL), so the
 factor is applied exactly once whether stage 2 reads images or this cache.
@@ -22,6 +23,7 @@ from ldm_train.data.images import Counts, SkipSample, decode_caption
 from ldm_train.data.webdataset import ShardStream, expand_urls
 
 INFO_FILE = "cache.json"
+LATENT_KEYS = ("mean.npy", "z.npy", "zq.npy")  # the regularizer's `cache_key`: the latent's entry in a sample
 
 
 class CacheError(RuntimeError):
@@ -44,10 +46,10 @@ class LatentSampleDecoder:
 
     def __call__(self, sample: dict, counts: Counts) -> dict:
         try:
-            if "zq.npy" in sample:
-                item = {"latent": load_npy(sample["zq.npy"])}
-            else:
-                item = {"latent": load_npy(sample["mean.npy"]), "latent_std": load_npy(sample["std.npy"])}
+            key = next((k for k in LATENT_KEYS if k in sample), LATENT_KEYS[0])
+            item = {"latent": load_npy(sample[key])}
+            if key == "mean.npy":  # a posterior: its std is stored with it
+                item["latent_std"] = load_npy(sample["std.npy"])
             if "ctx.npy" in sample:
                 item["context"] = load_npy(sample["ctx.npy"])
         except (KeyError, ValueError, OSError) as err:

@@ -41,10 +41,11 @@ class AutoencoderModule(L.LightningModule):
         # kept in a list so its parameters are not registered twice; MFUMonitor's counting batch runs eagerly
         self._compiled = [torch.compile(self.autoencoder)] if compile else []
         self.counting_flops = False
-        reduction = "sum" if arch["regularizer"]["name"] == "kl" else "mean"
+        reg = self.autoencoder.regularizer  # its loss is a sum (KL) or a mean (VQ): the reconstruction follows
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
-        self.loss = AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, perceptual=loss["perceptual"],
-                                    disc=disc, disc_start=loss["disc_start"], disc_weight=loss["disc_weight"],
+        self.loss = AutoencoderLoss(reduction=reg.reduction, reg_weight=reg_weight, reg_key=reg.loss_key,
+                                    perceptual=loss["perceptual"], disc=disc, disc_start=loss["disc_start"],
+                                    disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
                                     logvar_init=loss["logvar_init"])
         if lr_schedule not in ("constant", "cosine"):

@@ -46,10 +46,11 @@ class AutoencoderLoss(nn.Module):
     """rec = |x − x̂| + w_p·P(x, x̂); nll = rec/exp(logvar) + logvar; + reg_weight·reg + λ·g after disc_start.
 
     `reduction="sum"` (KL) sums nll over C,H,W and averages over the batch, as CompVis does, so kl_weight 1e-6
-    keeps the paper's meaning; `reduction="mean"` (VQ) uses plain means, as taming does.
+    keeps the paper's meaning; `reduction="mean"` (VQ) uses plain means, as taming does. Both come from the
+    regularizer (`reduction`, and `reg_key`: the entry of its log dict that is its loss).
     """
 
-    def __init__(self, *, reduction: str, reg_weight: float, perceptual: dict, disc: dict,
+    def __init__(self, *, reduction: str, reg_weight: float, reg_key: str, perceptual: dict, disc: dict,
                  disc_start: int, disc_weight: float = 0.5, disc_loss: str = "hinge", learn_logvar: bool = True,
                  logvar_init: float = 0.0):
         super().__init__()
@@ -57,7 +58,7 @@ class AutoencoderLoss(nn.Module):
             raise ValueError(f"loss.reduction must be sum or mean, got {reduction!r}")
         if disc_loss not in D_LOSSES:
             raise ValueError(f"unknown loss.disc_loss {disc_loss!r}; valid: {', '.join(D_LOSSES)}")
-        self.reduction, self.reg_weight = reduction, reg_weight
+        self.reduction, self.reg_weight, self.reg_key = reduction, reg_weight, reg_key
         self.perceptual_weight = perceptual["weight"]
         self.perceptual, self.perceptual_name = build_perceptual(perceptual)
         # sync_batchnorm is applied by the Trainer (SyncBatchNorm conversion), not a layer option
@@ -86,8 +87,7 @@ class AutoencoderLoss(nn.Module):
                        last_layer: torch.Tensor) -> tuple[torch.Tensor, dict]:
         rec, p = self.reconstruction(x, xrec)
         nll = self.reduce(rec / self.logvar.exp() + self.logvar)
-        reg_key = "kl" if "kl" in reg_log else "vq_loss"
-        loss = nll + self.reg_weight * reg_log[reg_key]
+        loss = nll + self.reg_weight * reg_log[self.reg_key]
         factor = self.disc_factor(step)
         logs = {"rec": rec.detach().mean(), "l1": (x - xrec).detach().abs().mean(),
                 self.perceptual_name: p.detach().mean(), "nll": nll.detach(), "logvar": self.logvar.detach()[0],

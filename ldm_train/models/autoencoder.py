@@ -11,6 +11,11 @@ from ldm_train.models.regularizers import build_regularizer
 from ldm_train.models.upsample import Upsample
 
 
+def downsample_factor(ch_mult: list[int]) -> int:
+    """f = 2**(len(ch_mult) − 1): one stride-2 Downsample between consecutive levels. The only place f is derived."""
+    return 2 ** (len(ch_mult) - 1)
+
+
 def group_norm(channels: int, num_groups: int) -> GroupNorm:
     """GroupNorm with an explicit group count; it is part of the architecture recorded in the artifact."""
     if channels % num_groups:
@@ -70,7 +75,7 @@ def _level_blocks(in_ch: int, out_ch: int, n: int, attn: bool, groups: int, drop
 
 
 class Encoder(nn.Module):
-    """x (B, 3, H, W) → moments (B, z_out, H/f, W/f) with f = 2**(len(ch_mult)-1)."""
+    """x (B, 3, H, W) → moments (B, z_out, H/f, W/f) with f = downsample_factor(ch_mult)."""
 
     def __init__(self, *, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], resolution: int, z_out: int, num_groups: int, dropout: float = 0.0):
@@ -109,7 +114,7 @@ class Decoder(nn.Module):
                  attn_resolutions: list[int], resolution: int, z_channels: int, num_groups: int, dropout: float = 0.0):
         super().__init__()
         in_ch = ch * ch_mult[-1]
-        res = resolution // 2 ** (len(ch_mult) - 1)
+        res = resolution // downsample_factor(ch_mult)
         self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(in_ch, in_ch, num_groups, dropout), AttnBlock(in_ch, num_groups),
                                  ResnetBlock(in_ch, in_ch, num_groups, dropout))
@@ -152,13 +157,14 @@ class Autoencoder(nn.Module):
         common = dict(ch=a["ch"], ch_mult=list(a["ch_mult"]), num_res_blocks=a["num_res_blocks"],
                       attn_resolutions=list(a["attn_resolutions"]), resolution=a["resolution"],
                       num_groups=a["num_groups"], dropout=a.get("dropout", 0.0))
-        moments = 2 * z if reg["name"] == "kl" else z
+        regularizer = build_regularizer(reg, z)
+        moments = regularizer.moments_per_channel * z
         self.encoder = Encoder(in_channels=a["in_channels"], z_out=moments, **common)
         self.quant_conv = nn.Conv2d(moments, moments, 1)
-        self.regularizer = build_regularizer(reg, z)
+        self.regularizer = regularizer
         self.post_quant_conv = nn.Conv2d(z, z, 1)
         self.decoder = Decoder(out_channels=a["in_channels"], z_channels=z, **common)
-        self.downsample_factor = 2 ** (len(a["ch_mult"]) - 1)
+        self.f = downsample_factor(a["ch_mult"])
         self.z_channels = z
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -171,9 +177,10 @@ class Autoencoder(nn.Module):
         self.check_input(x)
         return self.quant_conv(self.encoder(x))
 
-    def latent(self, x: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Unscaled latent used by stage 2: posterior sample or mode (KL), z_q (VQ)."""
-        return self.regularizer.latent(self.encode_moments(x), sample=sample)
+    def latent(self, x: torch.Tensor, sample: bool, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled latent used by stage 2: posterior sample (with `noise` ε if given) or mode (KL); the
+        pre-quantisation z or z_q (VQ, by `regularizer.diffuse`)."""
+        return self.regularizer.latent(self.encode_moments(x), sample=sample, noise=noise)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
@@ -192,7 +199,7 @@ class Autoencoder(nn.Module):
         return self.decoder.conv_out.weight
 
     def check_input(self, x: torch.Tensor) -> None:
-        f = self.downsample_factor
+        f = self.f
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the downsampling factor f={f}; "
                              f"choose data.resolution as a multiple of {f}")

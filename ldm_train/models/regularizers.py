@@ -1,4 +1,10 @@
-"""Latent regularizers. Each is a module mapping encoder moments to `(z, log_dict)` so KL and VQ swap by config."""
+"""Latent regularizers. Each is a module mapping encoder moments to `(z, log_dict)` so KL and VQ swap by config.
+
+Each class also owns what the rest of the code needs to know about its kind (no `name == "kl"` elsewhere):
+how many moments the encoder emits, the loss key and weight key, the reconstruction reduction that goes with it,
+its architecture entries, which latent stage 2 diffuses and what the latent cache stores. `REGULARIZERS` maps
+a config name to its class.
+"""
 
 from __future__ import annotations
 
@@ -18,19 +24,47 @@ class DiagonalGaussianRegularizer(nn.Module):
     """KL-regularised latent: moments (B, 2C, h, w) = [mean, logvar] of a diagonal Gaussian posterior."""
 
     name = "kl"
+    moments_per_channel = 2      # the encoder emits [mean, logvar]
+    loss_key = "kl"              # the entry of the log dict that is the regularization loss
+    weight_key = "kl_weight"     # the key of its weight in conf/regularizer/kl.yaml
+    reduction = "sum"            # the KL is a sum over C,H,W, so the reconstruction term is too (CompVis)
+    stochastic = True            # a posterior to sample: stage 2 may train on samples or on the mode
+    cache_stores = "mean+std"    # the latent cache holds the posterior, and stage 2 samples from it per step
+    cache_key = "mean"
+    stage2_options: tuple[str, ...] = ()  # options that change what stage 2 sees (none: sampling is stage 2's)
 
     def __init__(self, sample: bool = True, logvar_clamp: tuple[float, float] = (-30.0, 20.0)):
         super().__init__()
         self.sample = sample
         self.logvar_clamp = logvar_clamp
 
+    @classmethod
+    def from_config(cls, cfg: dict, z_channels: int) -> DiagonalGaussianRegularizer:
+        return cls(sample=cfg.get("sample", True))
+
+    @staticmethod
+    def arch_entries(cfg: dict, table: dict) -> dict:
+        """What the artifact's architecture records of this regularizer (`cfg`: the regularizer config)."""
+        return {"name": "kl", "sample": cfg["sample"]}
+
     def posterior(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(*self.logvar_clamp)
 
-    def latent(self, moments: torch.Tensor, sample: bool) -> torch.Tensor:
+    def latent(self, moments: torch.Tensor, sample: bool, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = μ + σ·ε (sample; ε = `noise` if given, else drawn from the global generator) or μ (mode)."""
         mean, logvar = self.posterior(moments)
-        return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        if not sample:
+            return mean
+        return mean + (torch.randn_like(mean) if noise is None else noise.to(mean)) * (0.5 * logvar).exp()
+
+    def describe_latent(self, sample: bool) -> str:
+        return "posterior sample" if sample else "posterior mode"
+
+    def cache_latents(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the latent cache stores: (μ, σ), so that stage 2 can sample or take the mode from it."""
+        mean, logvar = self.posterior(moments)
+        return mean, (0.5 * logvar).exp()
 
     def snap(self, z: torch.Tensor) -> torch.Tensor:
         return z
@@ -46,15 +80,31 @@ def vq_loss(z: torch.Tensor, z_q: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * F.mse_loss(z, z_q.detach()) + F.mse_loss(z.detach(), z_q)
 
 
+VQ_DIFFUSE = ("pre_quant", "quantized")
+
+
 class VectorQuantizer(nn.Module):
-    """Nearest-codebook quantizer with a straight-through gradient and dead-code restart."""
+    """Nearest-codebook quantizer with a straight-through gradient and dead-code restart.
+
+    `diffuse` chooses the latent stage 2 works on: `pre_quant` (CompVis' LDM: the encoder output before the
+    codebook; generated latents are quantized in decode) or `quantized` (z_q; decode snaps generated latents to the
+    codebook too). Artifacts written before the option existed diffused z_q, so a missing entry means `quantized`.
+    """
 
     name = "vq"
+    moments_per_channel = 1
+    loss_key = "vq_loss"
+    weight_key = "codebook_weight"
+    reduction = "mean"           # the VQ loss is a mean, so the reconstruction term is too (taming)
+    stochastic = False
+    stage2_options = ("diffuse",)
 
     def __init__(self, n_embed: int, z_channels: int, beta: float = 0.25, restart_every: int = 200,
-                 restart: bool = True):
+                 restart: bool = True, diffuse: str = "pre_quant"):
         super().__init__()
-        self.n_embed, self.beta = n_embed, beta
+        if diffuse not in VQ_DIFFUSE:
+            raise ValueError(f"regularizer.diffuse={diffuse!r}; valid: {', '.join(VQ_DIFFUSE)}")
+        self.n_embed, self.beta, self.diffuse = n_embed, beta, diffuse
         self.restart, self.restart_every = restart, restart_every
         self.embedding = nn.Embedding(n_embed, z_channels)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
@@ -76,8 +126,38 @@ class VectorQuantizer(nn.Module):
         z_q = self.embedding(idx).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, h, w)
         return z_q, idx
 
-    def latent(self, moments: torch.Tensor, sample: bool) -> torch.Tensor:
-        return self.quantize(moments)[0]
+    @classmethod
+    def from_config(cls, cfg: dict, z_channels: int) -> VectorQuantizer:
+        return cls(cfg["n_embed"], z_channels, beta=cfg.get("beta", 0.25), restart=cfg.get("restart", True),
+                   restart_every=cfg.get("restart_every", 200), diffuse=cfg.get("diffuse", "quantized"))
+
+    @staticmethod
+    def arch_entries(cfg: dict, table: dict) -> dict:
+        """The codebook size comes from the f<f>.yaml table, the rest from the regularizer config."""
+        return {"name": "vq", "n_embed": table["n_embed"], "beta": cfg["beta"], "restart": cfg["restart"],
+                "restart_every": cfg["restart_every"], "diffuse": cfg["diffuse"]}
+
+    @property
+    def pre_quant(self) -> bool:
+        return self.diffuse == "pre_quant"
+
+    @property
+    def cache_stores(self) -> str:
+        return "z" if self.pre_quant else "z_q"
+
+    @property
+    def cache_key(self) -> str:
+        return "z" if self.pre_quant else "zq"
+
+    def latent(self, moments: torch.Tensor, sample: bool, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent stage 2 diffuses: the encoder output z (pre_quant) or z_q (quantized); `sample` is moot."""
+        return moments if self.pre_quant else self.quantize(moments)[0]
+
+    def describe_latent(self, sample: bool) -> str:
+        return "pre-quantisation z" if self.pre_quant else "z_q"
+
+    def cache_latents(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.latent(moments, sample=False), None
 
     def snap(self, z: torch.Tensor) -> torch.Tensor:
         return self.quantize(z)[0]
@@ -122,12 +202,17 @@ class VectorQuantizer(nn.Module):
         self.usage.zero_()
 
 
+REGULARIZERS: dict[str, type[nn.Module]] = {"kl": DiagonalGaussianRegularizer, "vq": VectorQuantizer}
+
+
+def regularizer_class(name: str) -> type[nn.Module]:
+    """The class registered under a config name (`regularizer.name`)."""
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r}; valid: {', '.join(REGULARIZERS)} "
+                         f"(regularizer={' or regularizer='.join(REGULARIZERS)})")
+    return REGULARIZERS[name]
+
+
 def build_regularizer(cfg: dict, z_channels: int) -> nn.Module:
-    """Regularizer from its config (`name: kl|vq` plus its options)."""
-    name = cfg["name"]
-    if name == "kl":
-        return DiagonalGaussianRegularizer(sample=cfg.get("sample", True))
-    if name == "vq":
-        return VectorQuantizer(cfg["n_embed"], z_channels, beta=cfg.get("beta", 0.25),
-                               restart=cfg.get("restart", True), restart_every=cfg.get("restart_every", 200))
-    raise ValueError(f"unknown regularizer {name!r}; valid: kl, vq (regularizer=kl or regularizer=vq)")
+    """Regularizer from its config (`name` plus its options)."""
+    return regularizer_class(cfg["name"]).from_config(cfg, z_channels)

@@ -72,7 +72,7 @@ def save_autoencoder(final: Path, model: torch.nn.Module, arch: dict, calibratio
     atomic_write_dir(final, write)
 
 
-def stage1_command(regularizer: str, f: int) -> str:
+def stage1_command(regularizer: str, f: int | str) -> str:
     return f"python -m ldm_train stage=autoencoder f={f} regularizer={regularizer}"
 
 
@@ -87,10 +87,11 @@ def load_autoencoder(artifact: Path, expect_f: int | None = None, expect_regular
                      require_calibration: bool = True) -> tuple[torch.nn.Module, dict]:
     """Rebuild the exact trained architecture, strict-load its weights, freeze it; returns (model, calibration)."""
     from ldm_train.models.autoencoder import Autoencoder
+    from ldm_train.models.regularizers import REGULARIZERS
 
     artifact = Path(artifact)
     if not (artifact / "model.safetensors").exists():
-        hint = stage1_command(expect_regularizer or "kl", expect_f or 4)
+        hint = stage1_command(expect_regularizer or f"<{'|'.join(REGULARIZERS)}>", expect_f or "<f>")
         raise ArtifactError(f"no autoencoder artifact at {artifact}: train it first with `{hint}` "
                             "(or point autoencoder.path= at an existing one)")
     arch = read_arch(artifact)

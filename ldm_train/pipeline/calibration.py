@@ -1,12 +1,28 @@
-"""Latent scale-factor calibration: scale_factor = 1/std(z), measured over all elements and all ranks."""
+"""Latent scale-factor calibration: scale_factor = 1/std(z), measured over all elements and all ranks, on the
+latent stage 2 consumes (KL: posterior samples or the mode, as `diffusion.sample_posterior`; VQ: by
+`regularizer.diffuse`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from ldm_train.config import ConfigError
 from ldm_train.utils.distributed import sum_over_ranks
+
+CALIBRATION_LATENTS = ("auto", "sample", "mode")
+
+
+def calibration_sample(cfg) -> bool:
+    """Calibrate on posterior samples? `autoencoder.calibration.latent`: sample | mode | auto (= what stage 2
+    consumes, `diffusion.sample_posterior`)."""
+    latent = cfg.autoencoder.calibration.get("latent", "auto")
+    if latent not in CALIBRATION_LATENTS:
+        raise ConfigError(f"autoencoder.calibration.latent={latent!r}; valid: {', '.join(CALIBRATION_LATENTS)} "
+                          "(auto follows diffusion.sample_posterior)")
+    return bool(cfg.diffusion.sample_posterior) if latent == "auto" else latent == "sample"
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -15,13 +31,33 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
+def image_seed(seed: int, index: int) -> int:
+    """(seed · 2654435761 + index) mod 2³²: a CPU generator keeps only 32 bits of its seed, so mix into those;
+    for one seed, distinct images get distinct seeds."""
+    return (seed * 2654435761 + index) % 2**32
+
+
+def image_noise(shape: Sequence[int], indices: Iterable[int], seed: int) -> torch.Tensor:
+    """ε (len(indices), *shape) with image i's noise drawn from its own generator seeded by image_seed(seed, i):
+    the same numbers whatever the batching, the rank that sees the image, or the state of the global generators."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(image_seed(seed, i)))
+                        for i in indices])
+
+
 @torch.no_grad()
-def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: torch.device | str = "cpu") -> dict:
-    """Encode up to `num_samples` images (per rank; z = posterior mode for KL, z_q for VQ) and report
+def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: torch.device | str = "cpu",
+              sample: bool = False, seed: int = 0, indices: Sequence[int] | None = None) -> dict:
+    """Encode up to `num_samples` images (per rank) and report
 
     scale_factor = 1/std(z) (unbiased std over every element of every rank), per-channel mean/std, and a
-    health report: raw std, scaled mean and std, reconstruction PSNR.
+    health report: raw std, scaled mean and std, reconstruction PSNR (of the deterministic latent).
+    z is what the regularizer hands stage 2: with `sample` (KL) a posterior sample μ + σ·ε, ε from
+    `image_noise(seed, indices[k])` for this rank's k-th image (`indices`: the images' global numbers; default
+    0, 1, ...), else the mode; VQ: the pre-quantisation z or z_q (`regularizer.diffuse`).
     """
+    reg = autoencoder.regularizer
+    sample = bool(sample and reg.stochastic)
+    indices = range(num_samples) if indices is None else indices
     c = autoencoder.z_channels
     s = torch.zeros(c, dtype=torch.float64, device=device)     # Σz per channel
     s2 = torch.zeros(c, dtype=torch.float64, device=device)    # Σz² per channel
@@ -31,11 +67,14 @@ def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: t
     for batch in batches:
         x = (batch["image"] if isinstance(batch, dict) else batch).to(device)
         x = x[: num_samples - seen]
-        z = autoencoder.latent(x, sample=False).double()  # (B, C, h, w)
+        moments = autoencoder.encode_moments(x)
+        mode = reg.latent(moments, sample=False)  # (B, C, h, w)
+        noise = image_noise(mode.shape[1:], indices[seen: seen + len(x)], seed).to(mode) if sample else None
+        z = reg.latent(moments, sample=True, noise=noise).double() if sample else mode.double()
         s += z.sum((0, 2, 3))
         s2 += z.pow(2).sum((0, 2, 3))
         n += z[:, 0].numel()
-        psnr_sum += torch.stack([psnr(autoencoder.decode_latent(z.float()), x).double().sum(),
+        psnr_sum += torch.stack([psnr(autoencoder.decode_latent(mode), x).double().sum(),
                                  torch.tensor(float(len(x)), dtype=torch.float64, device=device)])
         seen += len(x)
         if seen >= num_samples:
@@ -63,11 +102,13 @@ def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: t
         "recon_psnr": float(psnr_sum[0] / psnr_sum[1]),
         "num_samples": int(psnr_sum[1]),
         "num_elements": int(total),
-        "latent": "posterior mode" if autoencoder.arch["regularizer"]["name"] == "kl" else "z_q",
+        "latent": reg.describe_latent(sample),
+        "sample": sample,
+        **({"seed": seed} if sample else {}),
     }
 
 
 def format_report(cal: dict) -> str:
-    return (f"calibration: scale_factor={cal['scale_factor']:.5f}  raw std={cal['raw_std']:.4f} "
+    return (f"calibration on the {cal['latent']}: scale_factor={cal['scale_factor']:.5f}  raw std={cal['raw_std']:.4f} "
             f"mean={cal['raw_mean']:.4f} | scaled mean={cal['scaled_mean']:.4f} std={cal['scaled_std']:.4f} | "
             f"recon PSNR={cal['recon_psnr']:.2f} dB over {cal['num_samples']} images")

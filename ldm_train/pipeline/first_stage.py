@@ -1,33 +1,83 @@
-"""The frozen autoencoder as stage 2 sees it: the only place the latent scale factor is applied."""
+"""The frozen autoencoder as stage 2 sees it: the only place the latent scale factor is applied.
+
+Latents are computed in float32 with autocast disabled, so stage 2 under bf16-mixed trains on the same numbers
+whether it encodes images or reads the latent cache (which holds float32/float16 values, not bf16 ones).
+"""
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ldm_train.pipeline.artifacts import content_hash, load_autoencoder
+from ldm_train.pipeline.artifacts import ArtifactError, content_hash, load_autoencoder
+
+log = logging.getLogger(__name__)
 
 
 class LatentStdError(RuntimeError):
     """Scaled latents far from unit variance: training on them would quietly fail."""
 
 
-class FirstStage(nn.Module):
-    """Frozen autoencoder + calibrated `scale_factor`: encode(x) = z·s on the way in, decode(z) = D(z/s) out."""
+@contextmanager
+def float32_latents(device: torch.device):
+    """Autocast off: under bf16-mixed the encoder would otherwise run (and return) in bf16."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
 
-    def __init__(self, autoencoder: nn.Module, calibration: dict, sample_posterior: bool = True,
+
+def calibrated_on_samples(calibration: dict) -> bool:
+    """Whether the scale factor was measured on posterior samples (calibrations before the choice: the mode)."""
+    return bool(calibration.get("sample", False))
+
+
+class FirstStage(nn.Module):
+    """Frozen autoencoder + calibrated `scale_factor`: encode(x) = z·s on the way in, decode(z) = D(z/s) out.
+
+    `sample_posterior` (KL): encode posterior samples rather than the mode; None takes what calibration measured.
+    A value that differs from it is logged as a warning: the scaled latents would not have unit std.
+    """
+
+    def __init__(self, autoencoder: nn.Module, calibration: dict, sample_posterior: bool | None = None,
                  path: Path | None = None):
         super().__init__()
         self.autoencoder = autoencoder
         self.calibration = calibration
         self.scale_factor = float(calibration["scale_factor"])
-        self.sample_posterior = sample_posterior
+        calibrated = calibrated_on_samples(calibration)
+        self.sample_posterior = calibrated if sample_posterior is None else bool(sample_posterior)
         self.path = Path(path) if path else None
         self.latent_channels = autoencoder.z_channels
-        self.downsample_factor = autoencoder.downsample_factor
+        self.f = autoencoder.f
         self.channels_last = False
+        if self.regularizer.stochastic and self.sample_posterior != calibrated:
+            log.warning(self.calibration_mismatch(calibrated))
+
+    @property
+    def regularizer(self) -> nn.Module:
+        return self.autoencoder.regularizer
+
+    def calibration_mismatch(self, calibrated: bool) -> str:
+        reg = self.regularizer
+        return (f"the scale factor of {self.path or 'this autoencoder'} was calibrated on the "
+                f"{reg.describe_latent(calibrated)}, but stage 2 uses the {reg.describe_latent(self.sample_posterior)} "
+                f"(diffusion.sample_posterior={str(self.sample_posterior).lower()}): the scaled latents will not have "
+                f"unit std. Re-run stage=calibrate with diffusion.sample_posterior={str(self.sample_posterior).lower()}"
+                f" (or autoencoder.calibration.latent={'sample' if self.sample_posterior else 'mode'}), "
+                f"or set diffusion.sample_posterior={str(calibrated).lower()}")
+
+    def check_options(self, regularizer_cfg: dict) -> None:
+        """Refuse a run whose regularizer options that shape stage 2's latents (VQ `diffuse`) differ from the
+        artifact's: they are fixed when stage 1 writes it (calibration and caches depend on them)."""
+        for key in self.regularizer.stage2_options:
+            stored = getattr(self.regularizer, key)
+            if key in regularizer_cfg and regularizer_cfg[key] != stored:
+                raise ArtifactError(
+                    f"autoencoder {self.path} was written with regularizer.{key}={stored}, but this run asks for "
+                    f"regularizer.{key}={regularizer_cfg[key]}: drop the override, or train stage 1 with it")
 
     def use_channels_last(self) -> FirstStage:
         """NHWC weights and inputs: faster convolutions (62 vs 89 ms to encode 128 images at 32 px on 2 CPU cores)."""
@@ -37,7 +87,7 @@ class FirstStage(nn.Module):
 
     @classmethod
     def from_artifact(cls, path: Path, f: int | None = None, regularizer: str | None = None,
-                      sample_posterior: bool = True) -> FirstStage:
+                      sample_posterior: bool | None = None) -> FirstStage:
         model, calibration = load_autoencoder(path, f, regularizer, require_calibration=True)
         return cls(model, calibration, sample_posterior, path)
 
@@ -48,41 +98,46 @@ class FirstStage(nn.Module):
     def content_hash(self) -> str:
         return content_hash(self.path)
 
+    def _float_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the weights' dtype: float32, unless the whole model was cast (e.g. Lightning's bf16-true)."""
+        x = x.to(next(self.autoencoder.parameters()).dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] → scaled latents (B, C, H/f, W/f)."""
+        """Images (B, 3, H, W) in [-1, 1] → scaled float32 latents (B, C, H/f, W/f): the latent the regularizer
+        hands stage 2 (KL: posterior sample or mode; VQ: by `regularizer.diffuse`) times scale_factor."""
         sample = self.sample_posterior if sample is None else sample
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.autoencoder.latent(x, sample=sample) * self.scale_factor
+        with float32_latents(x.device):
+            return self.autoencoder.latent(self._float_input(x), sample=sample).float() * self.scale_factor
 
     @torch.no_grad()
     def raw_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images → what the latent cache stores, unscaled: (posterior mean, std) for KL, (z_q, None) for VQ."""
-        moments = self.autoencoder.encode_moments(x)
-        if self.autoencoder.arch["regularizer"]["name"] == "kl":
-            mean, logvar = self.autoencoder.regularizer.posterior(moments)
-            return mean, (0.5 * logvar).exp()
-        return self.autoencoder.regularizer.latent(moments, sample=False), None
+        """Images → what the latent cache stores, unscaled float32: (posterior mean, std) for KL, (the diffused
+        latent, None) for VQ."""
+        with float32_latents(x.device):
+            latent, std = self.regularizer.cache_latents(self.autoencoder.encode_moments(self._float_input(x)))
+            return latent.float(), None if std is None else std.float()
 
     @torch.no_grad()
     def from_cache(self, latent: torch.Tensor, std: torch.Tensor | None = None,
                    sample: bool | None = None) -> torch.Tensor:
-        """Cached raw latents → scaled latents, as `encode` gives them: z = mean + std·ε (KL, sampling) or the
-        mean / z_q, times scale_factor."""
+        """Cached raw latents → scaled float32 latents, as `encode` gives them: z = mean + std·ε (KL, sampling) or
+        the stored latent, times scale_factor."""
         sample = self.sample_posterior if sample is None else sample
-        z = latent.float()
-        if sample and std is not None:
-            z = z + torch.randn_like(z) * std.float()
-        return z * self.scale_factor
+        with float32_latents(latent.device):
+            z = latent.float()
+            if sample and std is not None:
+                z = z + torch.randn_like(z) * std.float()
+            return z * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents → images in [-1, 1] (clamped)."""
+        """Scaled latents → images in [-1, 1] (clamped); VQ quantizes them first (`Autoencoder.decode_latent`)."""
         return self.autoencoder.decode_latent(z / self.scale_factor).clamp(-1, 1)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        r = resolution // self.downsample_factor
+        r = resolution // self.f
         return (self.latent_channels, r, r)
 
     @torch.no_grad()
@@ -101,6 +156,7 @@ class FirstStage(nn.Module):
                 f"{stats['raw_std']:.4f}, raw std at calibration {stats['calibrated_raw_std']:.4f}). The autoencoder "
                 "or data changed since calibration: re-run stage=calibrate, or widen diffusion.latent_std_range"
                 + (". A raw std well above the calibrated one means the KL posterior is still wide (an undertrained "
-                   "autoencoder): train stage 1 longer or set diffusion.sample_posterior=false"
-                   if self.sample_posterior and self.autoencoder.arch["regularizer"]["name"] == "kl" else ""))
+                   "autoencoder): train stage 1 longer, or set diffusion.sample_posterior=false and re-run "
+                   "stage=calibrate with it"
+                   if self.sample_posterior and self.regularizer.stochastic else ""))
         return stats

@@ -59,8 +59,8 @@ class LatentDiffusionPipeline:
         """Everything needed to rebuild and sample the model: the artifact's config.yaml."""
         return {"unet": dict(unet), "text_encoder": dict(text_encoder), "diffusion": dict(diffusion),
                 "sampling": {k: sampling[k] for k in SAMPLING_KEYS}, "resolution": int(resolution),
-                "latent_channels": first_stage.latent_channels, "f": first_stage.downsample_factor,
-                "regularizer": first_stage.autoencoder.arch["regularizer"]["name"], "data": data}
+                "latent_channels": first_stage.latent_channels, "f": first_stage.f,
+                "regularizer": first_stage.regularizer.name, "data": data}
 
     @classmethod
     def build(cls, first_stage: FirstStage, config: dict) -> LatentDiffusionPipeline:

@@ -16,6 +16,7 @@ from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
+from ldm_train.models.regularizers import regularizer_class
 from ldm_train.pipeline.artifacts import save_autoencoder
 from ldm_train.pipeline.provenance import provenance
 from ldm_train.stages.calibrate import calibrate_module
@@ -42,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
     lr = ae.lr * gb if ae.scale_lr else ae.lr
     log.info("stage 1: %s f=%d, %d train / %d val images, global batch %d, lr %.3g%s", arch["regularizer"]["name"],
              arch["f"], len(train_ds), len(val_ds), gb, lr, f" (= {ae.lr:g} × {gb})" if ae.scale_lr else "")
-    reg_weight = cfg.regularizer.kl_weight if cfg.regularizer.name == "kl" else cfg.regularizer.codebook_weight
+    reg_weight = cfg.regularizer[regularizer_class(cfg.regularizer.name).weight_key]
     module = AutoencoderModule(arch, OmegaConf.to_container(ae.loss, resolve=True), reg_weight, lr,
                                out_dir=str(run_dir(cfg)), lr_schedule=ae.lr_schedule, max_steps=ae.max_steps,
                                channels_last=cfg.trainer.get("channels_last", True), compile=ae.get("compile", False))

@@ -45,6 +45,7 @@ def write_split(dataset, pattern: str, first_stage: FirstStage, text_encoder, cf
     """Encode one split into shards `pattern`; returns its counts (samples and bad inputs by reason)."""
     c = cfg.cache
     dtype = "float16" if c.fp16 else "float32"
+    latent_key = first_stage.regularizer.cache_key  # mean (+ std.npy), z or zq
     totals = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
     index = 0
     with wds.ShardWriter(pattern, maxcount=c.shard_size, verbose=0) as sink:
@@ -55,10 +56,8 @@ def write_split(dataset, pattern: str, first_stage: FirstStage, text_encoder, cf
             for i in range(len(latent)):
                 key = batch["key"][i] if "key" in batch else f"{index:09d}"
                 sample = {"__key__": key, "txt": batch["caption"][i], "cls": str(int(labels[i]))}
-                if std is None:
-                    sample["zq.npy"] = npy_bytes(latent[i].cpu().numpy().astype(dtype))
-                else:
-                    sample["mean.npy"] = npy_bytes(latent[i].cpu().numpy().astype(dtype))
+                sample[f"{latent_key}.npy"] = npy_bytes(latent[i].cpu().numpy().astype(dtype))
+                if std is not None:
                     sample["std.npy"] = npy_bytes(std[i].cpu().numpy().astype(dtype))
                 if ctx is not None:
                     sample["ctx.npy"] = npy_bytes(ctx[i].cpu().numpy().astype(dtype))
@@ -75,7 +74,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.name == "latents":
         raise ConfigError("stage=cache_latents reads images: choose data=shapes, folder or webdataset")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name).to(device)
+    first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name,
+                                           cfg.diffusion.sample_posterior).to(device)
+    first_stage.check_options(OmegaConf.to_container(cfg.regularizer, resolve=True))
     text_encoder, te_cfg = None, None
     if cfg.cache.text_embeddings:
         te_cfg = OmegaConf.to_container(cfg.text_encoder, resolve=True)
@@ -93,12 +94,12 @@ def run(cfg: DictConfig) -> dict:
             counts[split] = write_split(ds, str(tmp / f"{split}-%06d.tar"), first_stage, text_encoder, cfg, device)
             log.info("cached %s: %s", split, counts[split])
         shards = {s: sorted(p.name for p in tmp.glob(f"{s}-*.tar")) for s in ("train", "val")}
-        c, h = first_stage.latent_shape(cfg.data.resolution)[0], cfg.data.resolution // first_stage.downsample_factor
+        shape = list(first_stage.latent_shape(cfg.data.resolution))
         atomic_write_json(tmp / INFO_FILE, {
             "autoencoder_path": str(first_stage.path), "autoencoder_hash": first_stage.content_hash,
-            "f": int(cfg.f), "regularizer": cfg.regularizer.name, "latent_shape": [c, h, h],
+            "f": int(cfg.f), "regularizer": cfg.regularizer.name, "latent_shape": shape,
             "resolution": int(cfg.data.resolution), "dtype": "float16" if cfg.cache.fp16 else "float32",
-            "stores": "mean+std" if cfg.regularizer.name == "kl" else "z_q", "scaled": False,
+            "stores": first_stage.regularizer.cache_stores, "scaled": False,
             "data": cfg.data.name, "counts": counts, "shards": shards, "text_encoder": te_cfg})
 
     atomic_write_dir(out, write)

@@ -39,6 +39,7 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     d = cfg.diffusion
     first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name, d.sample_posterior)
+    first_stage.check_options(OmegaConf.to_container(cfg.regularizer, resolve=True))
     if cfg.data.name == "latents":  # the cache must come from this autoencoder; its resolution is the run's
         info = read_info(cfg.data)
         check_cache(info, first_stage, OmegaConf.to_container(cfg.text_encoder, resolve=True))
