@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.evaluation.features import FeatureNetwork, resolve_features
-from ldm_train.evaluation.metrics import frechet, reconstruction_metrics, unit
+from ldm_train.evaluation.metrics import generation_metrics, reconstruction_metrics
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder, stage1_command
 from ldm_train.utils.images import save_grid
 from ldm_train.utils.io import atomic_write_json
@@ -100,40 +100,35 @@ def real_set(cfg: DictConfig, resolution: int, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tuple[dict, Path]:
+def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tuple[dict, Path | None]:
     from ldm_train.sampling import generate
     from ldm_train.stages.sample import load_pipeline
 
     unet, text_encoder, first_stage, schedule, config = load_pipeline(diffusion_dir(cfg))
-    shapes = config.get("data") == "shapes"
-    if shapes:
+    alignment = None
+    if config.get("data") == "shapes":
         from ldm_train.data.shapes import attributes_to_label, caption_alignment, parse_caption
-    fd = frechet(features) if features else None
-    hits, n, grid = 0.0, 0, None
-    for i, batch in enumerate(real_set(cfg, config["resolution"], cfg.eval.num_samples)):
-        captions = list(batch["caption"])
+
+        alignment = caption_alignment
+
+    def gen_fn(captions: list[str], seed: int) -> torch.Tensor:
+        """Images in [-1, 1] for `captions`, with the evaluation's sampling settings and this seed."""
         labels = None
         if config["text_encoder"]["name"] == "class":
             labels = torch.tensor([attributes_to_label(*parse_caption(c)) for c in captions])
-        images = generate(unet, text_encoder, first_stage, schedule, captions, resolution=config["resolution"],
-                          prediction_type=config["diffusion"]["prediction_type"], guidance_scale=cfg.guidance_scale,
-                          sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=cfg.seed + i, labels=labels)
-        if fd is not None:
-            fd.update(unit(batch["image"]), real=True)
-            fd.update(unit(images), real=False)
-        if shapes:
-            hits += caption_alignment(images, captions) * len(images)
-        n += len(images)
-        if grid is None:
-            k = min(8, len(images))
-            grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
-                             scale=max(1, 64 // config["resolution"]))
-    metrics = {"eval_samples": n, "eval_sampler": cfg.sampler, "eval_steps": cfg.steps,
-               "eval_guidance_scale": float(cfg.guidance_scale)}
-    if fd is not None:
-        metrics[features.fid_key] = float(fd.compute())
-    if shapes:
-        metrics["caption_alignment"] = hits / max(n, 1)
+        return generate(unet, text_encoder, first_stage, schedule, captions, resolution=config["resolution"],
+                        prediction_type=config["diffusion"]["prediction_type"], guidance_scale=cfg.guidance_scale,
+                        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=seed, labels=labels)
+
+    real = real_set(cfg, config["resolution"], cfg.eval.num_samples)
+    metrics, first = generation_metrics(gen_fn, real, features, alignment, seed=cfg.seed)
+    grid = None
+    if first is not None:
+        images, captions = first
+        k = min(8, len(images))
+        grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
+                         scale=max(1, 64 // config["resolution"]))
+    metrics.update(eval_sampler=cfg.sampler, eval_steps=cfg.steps, eval_guidance_scale=float(cfg.guidance_scale))
     return metrics, grid
 
 
