@@ -116,7 +116,8 @@ class Bench:
         ctx = torch.randn(b, 16, 384, device=self.device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         fns = {"ours": self.train_step(lambda: F.mse_loss(ours(x_cl, t, ctx).float(), x), _adamw(ours, fused=True)),
-               "ref": self.train_step(lambda: F.mse_loss(ref(x, t, ctx).sample.float(), x), _adamw(ref))}
+               "ref": self.train_step(lambda: F.mse_loss(ref(x, t, ctx).sample.float(), x),
+                                       torch.optim.AdamW(ref.parameters(), lr=1e-4))}  # torch's defaults
         m = self.interleaved(fns)
         self.versus_diffusers("unet", f"U-Net train step (batch {b})", n_ours, n_ref, m)
 
@@ -323,12 +324,22 @@ def _ours(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module.to(device).to(memory_format=torch.channels_last).train()  # trainer.channels_last: true
 
 
+def _stage_optimizer(stage: str, module: torch.nn.Module, fused: bool | None) -> torch.optim.Optimizer:
+    """The optimizer of conf/<stage>/default.yaml (its `optimizer:` node), at lr 1e-4."""
+    import yaml
+
+    from ldm_train.lit.optim import build_optimizer
+
+    spec = yaml.safe_load((CONF_DIR / stage / "default.yaml").read_text())["optimizer"]
+    return build_optimizer(spec, [p for p in module.parameters() if p.requires_grad], 1e-4, fused)
+
+
 def _adamw(module: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, fused=fused)
+    return _stage_optimizer("diffusion", module, fused)  # AdamW
 
 
 def _adam(module: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
-    return torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=fused)
+    return _stage_optimizer("autoencoder", module, fused)  # Adam, betas (0.5, 0.9)
 
 
 ROWS = ("unet", "autoencoder", "stage1", "sampling", "cached_latents", "data", "sd15")

@@ -218,6 +218,7 @@ def test_cli_invalid_f_fails_before_training(cli):
     (["autoencoder.batch_size=1"], "autoencoder.loss.disc.norm=group"),
     (["strategy=fsdp", "trainer.accelerator=cpu"], "strategy=ddp"),
     (["stage=diffusion", "trainer.devices=4", "diffusion.batch_size=2"], "each of the 4 devices"),
+    (["+autoencoder.optimizer.lr=0.1"], "set the learning rate with autoencoder.lr"),
 ])
 def test_clear_errors_at_start(compose_cfg, overrides, needle):
     with pytest.raises(ldm_config.ConfigError, match=re.escape(needle)):
@@ -237,3 +238,27 @@ def test_quickstart_composes_and_validates(compose_cfg):
     assert (arch["f"], arch["regularizer"]["name"], arch["resolution"]) == (4, "kl", 32)
     assert cfg.text_encoder.name == "minilm" and cfg.unet.context_dim == 384
     assert cfg.autoencoder.max_time and cfg.diffusion.max_time and cfg.diffusion.eval_samples > 0
+
+
+def test_default_stage1_runs_its_discriminator(compose_cfg):
+    """The shipped default (the LDM KL recipe's disc_start 50001) trains past disc_start, so no warning."""
+    cfg = compose_cfg(["stage=autoencoder"])
+    ae = cfg.autoencoder
+    assert ae.loss.disc_start is not None and ae.loss.disc_start < ae.max_steps
+    assert ldm_config.idle_discriminator_warning(ae) is None
+
+
+@pytest.mark.parametrize(("overrides", "idle"), [
+    (["autoencoder.max_steps=50000", "autoencoder.loss.disc_start=50001"], True),  # yesterday's default
+    (["autoencoder.max_steps=10", "autoencoder.loss.disc_start=10"], True),  # batch indices 0…9: never
+    (["autoencoder.max_steps=10", "autoencoder.loss.disc_start=9"], False),  # the last batch has it
+    (["autoencoder.max_steps=10", "autoencoder.loss.disc_start=null"], False),  # off on purpose
+    (["experiment=quickstart"], False),  # the quickstart turns it off (null): no warning
+])
+def test_idle_discriminator_warns_at_start(compose_cfg, caplog, overrides, idle):
+    with caplog.at_level("WARNING", logger="ldm_train.config"):
+        validate(compose_cfg(["stage=autoencoder", *overrides]))
+    warned = [r.getMessage() for r in caplog.records if "will never run" in r.getMessage()]
+    assert bool(warned) == idle
+    if idle:
+        assert "the discriminator you configured will never run" in warned[0]
