@@ -43,8 +43,9 @@ def run_case(name: str, minutes: float, steps: int, extra: list[str]) -> dict:
         metrics = json.loads((art / "metrics.json").read_text())
         train = last_logged(Path(tmp, "run", "csv", "autoencoder", "metrics.csv"), ("train/kl", "train/logvar"))
     lp = next(k for k in metrics if k.startswith("lpips"))
-    learned = any(o == "autoencoder.loss.learn_logvar=true" for o in extra)
-    return {"case": f"KL {name} {case['overrides'][1].split('=')[1]} px", "logvar": "learned" if learned else "fixed",
+    choice = {"autoencoder.loss.learn_logvar=true": "learned", "autoencoder.loss.learn_logvar=false": "fixed"}
+    logvar = next((choice[o] for o in extra if o in choice), "config")  # config: the quickstart's own setting
+    return {"case": f"KL {name} {case['overrides'][1].split('=')[1]} px", "logvar": logvar,
             "kl": train["train/kl"], "final_logvar": train["train/logvar"], "scale_factor": metrics["scale_factor"],
             "minutes": metrics["train_seconds"] / 60, "steps": metrics["steps"],
             "step_ms": 1000 * metrics["train_seconds"] / max(1, metrics["steps"]), "psnr": metrics["psnr"],
