@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,6 +11,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
+log = logging.getLogger(__name__)
 STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
 
 
@@ -90,13 +92,29 @@ def validate(cfg: DictConfig) -> None:
         if cfg.stage in (stage, "pipeline") and devices > 1 and section.batch_size < devices:
             raise ConfigError(f"{stage}.batch_size={section.batch_size} is the batch per device; it must be at "
                               f"least 1 on each of the {devices} devices")
+        if "lr" in section.optimizer:  # the module passes the stage's lr, which would silently win
+            raise ConfigError(f"set the learning rate with {stage}.lr, not {stage}.optimizer.lr")
     _validate_distribution(cfg)
     if cfg.stage in ("diffusion", "pipeline"):
         _check_unet_fits(cfg)
+    if cfg.stage in ("autoencoder", "pipeline") and (warning := idle_discriminator_warning(cfg.autoencoder)):
+        log.warning(warning)
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
                           "or autoencoder.loss.disc.norm=group")
+
+
+def idle_discriminator_warning(ae: DictConfig) -> str | None:
+    """The warning for a discriminator that is configured but never trains: the adversarial term starts at batch
+    index `disc_start` (0-based) and training ends after `max_steps` batches. None when it runs, or when it is off
+    (`loss.disc_start: null`)."""
+    start = ae.loss.disc_start
+    if start is None or start < ae.max_steps:
+        return None
+    return (f"autoencoder.loss.disc_start={start} >= autoencoder.max_steps={ae.max_steps}: the discriminator you "
+            "configured will never run. Lower disc_start, raise max_steps, or set autoencoder.loss.disc_start=null "
+            "to train without the adversarial term.")
 
 
 def _validate_distribution(cfg: DictConfig) -> None:

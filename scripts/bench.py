@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,14 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ldm_train.config import CONF_DIR
+from ldm_train.models.autoencoder import Autoencoder
+from ldm_train.models.unet import UNet
+from ldm_train.utils.flops import count_flops, resolve_peak_tflops
 
-from ldm_train.models.autoencoder import Autoencoder  # noqa: E402
-from ldm_train.models.unet import UNet  # noqa: E402
-from ldm_train.utils.flops import count_flops, resolve_peak_tflops  # noqa: E402
-
-# The reference sizes of /work/shared/ENVIRONMENT.md: diffusers U-Net 6.29M, AutoencoderKL 3.88M parameters.
+# Matched reference sizes: diffusers U-Net 6.29M, AutoencoderKL 3.88M parameters (within 3% of ours, tested).
 UNET_OURS = dict(in_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1),
                  num_heads=8, context_dim=384, num_groups=32)
 UNET_DIFFUSERS = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128),
@@ -119,7 +116,8 @@ class Bench:
         ctx = torch.randn(b, 16, 384, device=self.device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         fns = {"ours": self.train_step(lambda: F.mse_loss(ours(x_cl, t, ctx).float(), x), _adamw(ours, fused=True)),
-               "ref": self.train_step(lambda: F.mse_loss(ref(x, t, ctx).sample.float(), x), _adamw(ref))}
+               "ref": self.train_step(lambda: F.mse_loss(ref(x, t, ctx).sample.float(), x),
+                                       torch.optim.AdamW(ref.parameters(), lr=1e-4))}  # torch's defaults
         m = self.interleaved(fns)
         self.versus_diffusers("unet", f"U-Net train step (batch {b})", n_ours, n_ref, m)
 
@@ -165,7 +163,7 @@ class Bench:
 
         from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 
-        loss_cfg = yaml.safe_load((ROOT / "ldm_train/conf/autoencoder/default.yaml").read_text())["loss"]
+        loss_cfg = yaml.safe_load((CONF_DIR / "autoencoder/default.yaml").read_text())["loss"]
         perceptual = dict(loss_cfg["perceptual"], weights="random")  # no downloads; the cost is the same
         warnings.filterwarnings("ignore", message=".*RANDOM.*backbone")
         torch.manual_seed(0)
@@ -201,7 +199,7 @@ class Bench:
         from ldm_train.models.text import build_text_encoder
         from ldm_train.pipeline.first_stage import FirstStage
 
-        unet_cfg = yaml.safe_load((ROOT / "ldm_train/conf/unet/small.yaml").read_text())
+        unet_cfg = yaml.safe_load((CONF_DIR / "unet/small.yaml").read_text())
         unet_cfg.update(context_dim=384, in_channels=3)
         torch.manual_seed(0)
         unet = _ours(UNet(**unet_cfg), self.device)
@@ -330,12 +328,22 @@ def _ours(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module.to(device).to(memory_format=torch.channels_last).train()  # trainer.channels_last: true
 
 
+def _stage_optimizer(stage: str, module: torch.nn.Module, fused: bool | None) -> torch.optim.Optimizer:
+    """The optimizer of conf/<stage>/default.yaml (its `optimizer:` node), at lr 1e-4."""
+    import yaml
+
+    from ldm_train.lit.optim import build_optimizer
+
+    spec = yaml.safe_load((CONF_DIR / stage / "default.yaml").read_text())["optimizer"]
+    return build_optimizer(spec, [p for p in module.parameters() if p.requires_grad], 1e-4, fused)
+
+
 def _adamw(module: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, fused=fused)
+    return _stage_optimizer("diffusion", module, fused)  # AdamW
 
 
 def _adam(module: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
-    return torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=fused)
+    return _stage_optimizer("autoencoder", module, fused)  # Adam, betas (0.5, 0.9)
 
 
 ROWS = ("unet", "autoencoder", "stage1", "sampling", "cached_latents", "data", "sd15")

@@ -5,7 +5,8 @@ SyncBatchNorm; prints PASS/FAIL per item and exits 1 if any failed. About 2-4 mi
     python scripts/gpu_check.py [--workdir DIR] [--only NAME ...]
 
 On the lent GPU machine (python3 with torch+CUDA, lightning, torchmetrics, transformers, but no hydra-core,
-omegaconf, lpips, webdataset or wandb) run scripts/gpu_check.sh instead: it installs carried wheels first.
+omegaconf, lpips, webdataset or wandb) run scripts/gpu_check.sh instead: it installs carried wheels first and
+puts the checkout on PYTHONPATH (this script imports the installed `ldm_train`, like every script here).
 Logs go to CSV (logger=csv) and the text encoder is `tiny` (the smoke default), so nothing is downloaded.
 """
 
@@ -14,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 8 * 60
 
 # name, stage-specific overrides, artifacts folder, what it checks (artifact kind)
@@ -99,7 +98,6 @@ def main() -> int:
               f"{torch.cuda.is_bf16_supported()}", flush=True)
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ldm_gpu_check_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     deadline, results = time.time() + BUDGET_S, []
     items = [i for i in ITEMS if args.only is None or i[0] in args.only]
     for n, (name, overrides, group, kind) in enumerate(items):

@@ -22,5 +22,6 @@ if ! python3 -c "import hydra, omegaconf, lpips" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1
+# the package is not pip-installed there: the checkout stands in for it (the child `python -m ldm_train` runs too)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec timeout 520 python3 scripts/gpu_check.py "${@}"

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_train.models.unet import UNet  # noqa: E402
-from ldm_train.utils.flops import count_flops  # noqa: E402
+from ldm_train.models.unet import UNet
+from ldm_train.utils.flops import count_flops
 
 
 def cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:

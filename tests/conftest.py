@@ -18,6 +18,11 @@ def compose_cfg(overrides: Iterable[str] = ()) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
+# the quickstart's stage-1 cosine LR schedule node, as a command-line override
+STAGE1_COSINE = ("autoencoder.lr_scheduler={_target_:torch.optim.lr_scheduler.LambdaLR,_partial_:true,"
+                 "lr_lambda:{_target_:ldm_train.lit.optim.cosine_decay,_partial_:true,total:${autoencoder.max_steps}}}")
+
+
 def smoke_overrides(root: Path) -> list[str]:
     """`experiment=smoke` writing artifacts under `root`; `paths.run_dir` replaces `${hydra:...}` under compose."""
     return ["experiment=smoke", "logger=none", f"paths.artifacts={root / 'artifacts'}",

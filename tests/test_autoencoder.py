@@ -265,12 +265,13 @@ DISC = {"in_channels": 3, "ndf": 8, "n_layers": 2, "norm": "none"}
 RANDOM_ALEX = {"weight": 0.0, "net": "alex", "weights": "random"}
 
 
-def _loss(reduction="sum", disc_loss="hinge", perceptual=None, logvar_init=0.0, disc_start=5, reg_weight=1e-6):
+def _loss(reduction="sum", disc_loss="hinge", perceptual=None, logvar_init=0.0, disc_start=5, reg_weight=1e-6,
+          learn_logvar=False):
     reg_key = "kl" if reduction == "sum" else "vq_loss"
     return AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, reg_key=reg_key,
                            perceptual=perceptual or RANDOM_ALEX,
                            disc=dict(DISC), disc_start=disc_start, disc_weight=0.5, disc_loss=disc_loss,
-                           logvar_init=logvar_init)
+                           logvar_init=logvar_init, learn_logvar=learn_logvar)
 
 
 def _batch(seed=0):
@@ -279,6 +280,14 @@ def _batch(seed=0):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     xrec = dec(torch.randn(2, 4, 32, 32))
     return dec, x, xrec
+
+
+def test_disc_start_none_means_no_adversarial_term():
+    loss_fn = _loss(disc_start=None).train()
+    dec, x, xrec = _batch()
+    _, logs = loss_fn.generator_loss(x, xrec, {"kl": torch.tensor(0.0)}, step=10**9, last_layer=dec.conv_out.weight)
+    assert logs["disc_factor"] == 0.0 and "g" not in logs
+    assert loss_fn.discriminator_loss(x, xrec, step=10**9) == (None, {})
 
 
 def test_nothing_adversarial_before_disc_start():
@@ -345,7 +354,7 @@ def test_discriminator_loss_uses_the_configured_loss(kind):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_nll_formula_with_nonzero_logvar(reduction):
     lv = 0.7
-    loss_fn = _loss(reduction=reduction, logvar_init=lv, disc_start=10**9, reg_weight=0.3)
+    loss_fn = _loss(reduction=reduction, logvar_init=lv, disc_start=10**9, reg_weight=0.3, learn_logvar=True)
     _, x, xrec = _batch()
     xrec = xrec.detach()
     reg_log = {"kl": torch.tensor(2.0)} if reduction == "sum" else {"vq_loss": torch.tensor(2.0)}

@@ -218,6 +218,7 @@ def test_cli_invalid_f_fails_before_training(cli):
     (["autoencoder.batch_size=1"], "autoencoder.loss.disc.norm=group"),
     (["strategy=fsdp", "trainer.accelerator=cpu"], "strategy=ddp"),
     (["stage=diffusion", "trainer.devices=4", "diffusion.batch_size=2"], "each of the 4 devices"),
+    (["+autoencoder.optimizer.lr=0.1"], "set the learning rate with autoencoder.lr"),
 ])
 def test_clear_errors_at_start(compose_cfg, overrides, needle):
     with pytest.raises(ldm_config.ConfigError, match=re.escape(needle)):
@@ -247,3 +248,27 @@ def test_main_returns_the_stage_headline_metric():
     assert headline("autoencoder", {"psnr": 31.5, "ssim": 0.9}) == 31.5
     assert headline("diffusion", {"steps": 12}) is None  # no val/loss: nothing to optimise
     assert headline("calibrate", {"scale_factor": 1.2}) is None  # no headline metric declared
+
+
+def test_default_stage1_runs_its_discriminator(compose_cfg):
+    """The shipped default (the LDM KL recipe's disc_start 50001) trains past disc_start, so no warning."""
+    cfg = compose_cfg(["stage=autoencoder"])
+    ae = cfg.autoencoder
+    assert ae.loss.disc_start is not None and ae.loss.disc_start < ae.max_steps
+    assert ldm_config.idle_discriminator_warning(ae) is None
+
+
+@pytest.mark.parametrize(("overrides", "idle"), [
+    (["autoencoder.max_steps=50000", "autoencoder.loss.disc_start=50001"], True),  # yesterday's default
+    (["autoencoder.max_steps=10", "autoencoder.loss.disc_start=10"], True),  # batch indices 0…9: never
+    (["autoencoder.max_steps=10", "autoencoder.loss.disc_start=9"], False),  # the last batch has it
+    (["autoencoder.max_steps=10", "autoencoder.loss.disc_start=null"], False),  # off on purpose
+    (["experiment=quickstart"], False),  # the quickstart turns it off (null): no warning
+])
+def test_idle_discriminator_warns_at_start(compose_cfg, caplog, overrides, idle):
+    with caplog.at_level("WARNING", logger="ldm_train.config"):
+        validate(compose_cfg(["stage=autoencoder", *overrides]))
+    warned = [r.getMessage() for r in caplog.records if "will never run" in r.getMessage()]
+    assert bool(warned) == idle
+    if idle:
+        assert "the discriminator you configured will never run" in warned[0]

@@ -371,10 +371,32 @@ def test_cfg_scale_one_single_cond_call(sch):
 
 
 def test_ema_decay_hand():
-    assert ema_decay(0) == pytest.approx(0.1)
-    assert ema_decay(10) == pytest.approx(11 / 20)
+    # CompVis LitEma: num_updates += 1, then decay = (1 + num_updates) / (10 + num_updates) → 2/11 first
+    assert ema_decay(0) == pytest.approx(2 / 11)
+    assert ema_decay(1) == pytest.approx(3 / 12)
+    assert ema_decay(10) == pytest.approx(12 / 21)
     assert ema_decay(10**7) == 0.9999
     assert ema_decay(10**7, max_decay=0.999) == 0.999
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_ema_first_updates_hand_worked(device_path):
+    """A scalar weight w, EMA e starting at w = 0; w becomes 1, 2, 3 before the updates 1, 2, 3.
+    CompVis' decays 2/11, 3/12, 4/13: e1 = 9/11, e2 = 3/12·9/11 + 9/12·2, e3 = 4/13·e2 + 9/13·3."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model)
+    e = 0.0
+    for w, decay in [(1.0, 2 / 11), (2.0, 3 / 12), (3.0, 4 / 13)]:
+        with torch.no_grad():
+            model.weight.fill_(w)
+        used = ema.update(model, torch.tensor(1.0) if device_path else None)
+        e = decay * e + (1 - decay) * w
+        assert float(used) == pytest.approx(decay)
+        assert float(ema.module.weight) == pytest.approx(e, rel=1e-6)
+    assert e == pytest.approx(4 / 13 * (3 / 12 * 9 / 11 + 9 / 12 * 2) + 9 / 13 * 3)
+    assert int(ema.num_updates) == 3
 
 
 def _tiny() -> nn.Module:
@@ -419,14 +441,14 @@ def test_ema_module_state_and_decays():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    assert ema.update(model) == pytest.approx(0.1)
-    for e, b, p in zip(ema.module.parameters(), before, model.parameters()):
-        torch.testing.assert_close(e, 0.1 * b + 0.9 * p)
     assert ema.update(model) == pytest.approx(2 / 11)
+    for e, b, p in zip(ema.module.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 2 / 11 * b + 9 / 11 * p)
+    assert ema.update(model) == pytest.approx(3 / 12)
     sd = ema.state_dict()
     assert sd["num_updates"].item() == 2 and sd["num_updates"].dtype == torch.long
     fresh = EMA(_tiny(), max_decay=0.2)
     fresh.load_state_dict(sd)
     assert int(fresh.num_updates) == 2
-    # min(0.2, 3/12): capped at max_decay
+    # min(0.2, 4/13): capped at max_decay
     assert fresh.update(model) == pytest.approx(0.2)

@@ -17,7 +17,7 @@ from ldm_train.evaluation.features import (
     metric_names,
     resolve_features,
 )
-from ldm_train.evaluation.metrics import generation_fd, unit
+from ldm_train.evaluation.metrics import generation_metrics, unit
 
 PUBLISHED = {"fid", "rfid", "lpips", "recon_lpips"}
 
@@ -33,10 +33,21 @@ def test_shapes_feature_network_reads_attributes(shapes_features):
     assert acc["all"] > 0.6 and acc["color"] > 0.8 and acc["position"] > 0.8, acc
 
 
+def fd_of(real: torch.Tensor, fake: torch.Tensor, features, batch: int = 100) -> float:
+    """`generation_metrics` (what stage=evaluate runs) with a generator that hands out `fake` batch by batch."""
+    real_batches = [{"image": real[i:i + batch], "caption": ["c"] * len(real[i:i + batch])}
+                    for i in range(0, len(real), batch)]
+    starts = iter(range(0, len(fake), batch))
+    metrics, _ = generation_metrics(lambda captions, seed: fake[(j := next(starts)):j + len(captions)],
+                                    real_batches, features)
+    assert metrics["eval_samples"] == len(fake)
+    return metrics[features.fid_key]
+
+
 def test_frechet_distance_matches_scipy(shapes_features):
     features = load_shapes_features(shapes_features["path"], train_if_missing=False)
     real, fake = images("val", 160), images("test", 160) + 0.3 * torch.randn(160, 3, 32, 32)
-    got = generation_fd([real[:100], real[100:]], [fake], features)
+    got = fd_of(real, fake, features)
     with torch.no_grad():  # independent: numpy moments and scipy's matrix square root
         a = features.module(unit(real)).double().numpy()
         b = features.module(unit(fake)).double().numpy()
@@ -51,7 +62,24 @@ def test_frechet_distance_separates_real_from_blurred(shapes_features):
     features = load_shapes_features(shapes_features["path"], train_if_missing=False)
     real, other_real = images("val", 128), images("test", 128)
     blurred = F.interpolate(F.avg_pool2d(other_real, 4), scale_factor=4, mode="bilinear", align_corners=False)
-    assert generation_fd([real], [other_real], features) < 0.5 * generation_fd([real], [blurred], features)
+    assert fd_of(real, other_real, features) < 0.5 * fd_of(real, blurred, features)
+
+
+def test_generation_metrics_seeds_captions_and_alignment_by_hand():
+    """generate(captions_i, seed + i) per real batch; alignment is the per-image mean over batches of 3 and 1."""
+    calls = []
+
+    def gen(captions, seed):
+        calls.append((captions, seed))
+        return torch.zeros(len(captions), 3, 8, 8)
+
+    batches = [{"image": torch.zeros(3, 3, 8, 8), "caption": ["a", "b", "c"]},
+               {"image": torch.zeros(1, 3, 8, 8), "caption": ["d"]}]
+    fractions = iter([1 / 3, 1.0])  # 1 of 3 images right, then 1 of 1: 2 of 4 in all
+    metrics, first = generation_metrics(gen, batches, None, lambda imgs, caps: next(fractions), seed=7)
+    assert calls == [(["a", "b", "c"], 7), (["d"], 8)]
+    assert metrics == {"eval_samples": 4, "caption_alignment": pytest.approx(0.5)}
+    assert first[1] == ["a", "b", "c"] and first[0].shape == (3, 3, 8, 8)
 
 
 def test_metric_names_follow_the_feature_network(tmp_path, shapes_features):

@@ -43,24 +43,25 @@ def test_fused_optimizer_off_under_fp16_only():
     assert use_fused_optimizer(module("cpu", "bf16-mixed", FSDPStrategy())) is None
 
 
-def stage1_module():
+def stage1_module(*overrides: str):
     from ldm_train.config import resolved_arch
     from ldm_train.lit.autoencoder import AutoencoderModule
 
-    cfg = compose_cfg(["experiment=smoke", "stage=autoencoder"])
-    return AutoencoderModule(resolved_arch(cfg), OmegaConf.to_container(cfg.autoencoder.loss, resolve=True), 1e-6, 1e-3)
+    cfg = compose_cfg(["experiment=smoke", "stage=autoencoder", *overrides])
+    ae = OmegaConf.to_container(cfg.autoencoder, resolve=True)
+    return AutoencoderModule(resolved_arch(cfg), ae["loss"], 1e-6, 1e-3, ae["optimizer"], ae["lr_scheduler"])
 
 
 def test_no_scalar_parameters_for_fsdp():
     """FSDP refuses 0-d parameters (seen on an H200: loss.logvar); the stage-1 module must have none."""
-    module = stage1_module()
+    module = stage1_module("autoencoder.loss.learn_logvar=true")
     assert [name for name, p in module.named_parameters() if p.ndim == 0] == []
     assert module.loss.logvar.requires_grad  # the learned log-variance is still a trained parameter
 
 
 def test_resume_from_a_scalar_logvar_checkpoint():
     """A checkpoint written while loss.logvar was 0-d (and its Adam state) loads into the (1,)-shaped parameter."""
-    module = stage1_module()
+    module = stage1_module("autoencoder.loss.learn_logvar=true")
     opt_g = module.configure_optimizers()[0]
     for p in opt_g.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)

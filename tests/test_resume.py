@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ldm_train.__main__ import run
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
+from tests.conftest import STAGE1_COSINE
 
 SMOKE_AE_STEPS = 12  # autoencoder.max_steps in experiment=smoke
 SMOKE_DIFF_STEPS = 12  # diffusion.max_steps in experiment=smoke (val_every 6: checkpoints at 6 and 12)
@@ -220,7 +221,7 @@ def test_autoencoder_resume_is_exact(compose_cfg, monkeypatch, tmp_path):
 
     folder, steps, k = _image_folder(tmp_path / "images", 24), 8, 5  # k: in the second epoch, after disc_start
     common = ["stage=autoencoder", "data=folder", f"data.root={folder}", "data.resolution=16", "data.random_crop=true",
-              "data.flip=true", "data.num_workers=2", "autoencoder.lr_schedule=cosine", "trainer.deterministic=true",
+              "data.flip=true", "data.num_workers=2", STAGE1_COSINE, "trainer.deterministic=true",
               "autoencoder.batch_size=4", f"autoencoder.max_steps={steps}", "autoencoder.val_every=4",
               "autoencoder.loss.disc_start=3"]  # 23 training images at batch 4: 5 batches an epoch
     losses: dict[str, dict] = {"full": {}, "part": {}}

@@ -27,7 +27,8 @@ from ldm_train.config import CONF_DIR, ConfigError
 from ldm_train.data.shapes import ShapesDataset, parse_caption, render
 from ldm_train.diffusion.parameterization import build_parameterization
 from ldm_train.evaluation.alignment import alignment_scores, eval_captions
-from ldm_train.lit.diffusion import DiffusionModule, cfg_drop_mask, warmup_cosine
+from ldm_train.lit.diffusion import DiffusionModule, cfg_drop_mask
+from ldm_train.lit.optim import warmup_cosine
 from ldm_train.models.text import build_text_encoder
 from ldm_train.pipeline.artifacts import ArtifactError, content_hash, read_diffusion
 from ldm_train.pipeline.first_stage import FirstStage, LatentStdError

@@ -8,9 +8,16 @@ import torch
 from torch import nn
 
 
-def ema_decay(num_updates: int, max_decay: float = 0.9999) -> float:
-    """decay = min(max_decay, (1 + n) / (10 + n)); the warm-up lets early EMA track."""
-    return min(max_decay, (1 + num_updates) / (10 + num_updates))
+def ema_decay(num_updates: int | torch.Tensor, max_decay: float = 0.9999) -> float | torch.Tensor:
+    """Decay of the update that follows `num_updates` earlier ones: with k = num_updates + 1 (CompVis' LitEma
+    counts the update before using it), decay = min(max_decay, (1 + k) / (10 + k)), i.e. 2/11, 3/12, 4/13, …
+
+    The warm-up lets the early EMA track the fast-moving weights. `num_updates` may be a device tensor (the
+    decay is then a device tensor too, with no host synchronisation).
+    """
+    k = num_updates + 1
+    warm = (1 + k) / (10 + k)
+    return torch.clamp(warm, max=max_decay) if isinstance(warm, torch.Tensor) else min(max_decay, warm)
 
 
 @torch.no_grad()
@@ -49,7 +56,8 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float | torch.Tens
 
 
 class EMA(nn.Module):
-    """Frozen eval-mode copy `module`, updated with decay = ema_decay(num_updates)."""
+    """Frozen eval-mode copy `module`, updated with decay = ema_decay(num_updates); `num_updates` counts the updates
+    made so far (the first update uses 2/11, as CompVis' LitEma)."""
 
     def __init__(self, model: nn.Module, max_decay: float = 0.9999) -> None:
         super().__init__()
@@ -67,8 +75,7 @@ class EMA(nn.Module):
         changes no EMA weight and does not count, and the returned decay is a device tensor.
         """
         if finite is not None:
-            n = self.num_updates.to(torch.float32)
-            decay = torch.clamp((1 + n) / (10 + n), max=self.max_decay)
+            decay = ema_decay(self.num_updates.to(torch.float32), self.max_decay)
             update_ema(self.module, model, 1 - (1 - decay) * finite)
             self.num_updates += finite.to(self.num_updates.dtype)
             self._host_updates = None

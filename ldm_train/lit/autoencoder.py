@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +11,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm_train.lit.checkpoints import check_state_shapes
+from ldm_train.lit.optim import build_optimizer, build_scheduler
 from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import use_fused_optimizer
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
@@ -28,9 +29,11 @@ class AutoencoderModule(L.LightningModule):
     batch index is global_step // 2 (the discriminator step is a no-op before disc_start).
     """
 
-    def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, out_dir: str | None = None,
-                 lr_schedule: str = "constant", max_steps: int = 0, channels_last: bool = True,
+    def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, optimizer: dict | Callable,
+                 lr_scheduler: dict | Callable | None = None, out_dir: str | None = None, channels_last: bool = True,
                  compile: bool = False):
+        """`optimizer` / `lr_scheduler`: `_target_` + `_partial_` config nodes (or built partials) for both the
+        generator's and the discriminator's optimizer; `lr` and `fused` are added here (see lit/optim.py)."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -48,9 +51,7 @@ class AutoencoderModule(L.LightningModule):
                                     disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
                                     logvar_init=loss["logvar_init"])
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"autoencoder.lr_schedule must be constant or cosine, got {lr_schedule!r}")
-        self.lr, self.lr_schedule, self.max_steps = lr, lr_schedule, max_steps
+        self.lr, self.optimizer_spec, self.lr_scheduler_spec = lr, optimizer, lr_scheduler
         self.out_dir = out_dir
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
@@ -138,17 +139,11 @@ class AutoencoderModule(L.LightningModule):
         if self.loss.logvar.requires_grad:
             g_params.append(self.loss.logvar)
         fused = use_fused_optimizer(self)  # one kernel for all parameters
-        opt_g = torch.optim.Adam(g_params, lr=self.lr, betas=(0.5, 0.9), fused=fused)
-        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9), fused=fused)
-        if self.lr_schedule == "constant":
+        opt_g = build_optimizer(self.optimizer_spec, g_params, self.lr, fused)
+        opt_d = build_optimizer(self.optimizer_spec, self.loss.discriminator.parameters(), self.lr, fused)
+        if self.lr_scheduler_spec is None:  # constant LR
             return [opt_g, opt_d]
-        schedule = lambda s: cosine_decay(s, self.max_steps)  # noqa: E731
-        return [opt_g, opt_d], [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_g, opt_d)]
-
-
-def cosine_decay(step: int, total: int) -> float:
-    """LR multiplier ½(1 + cos(π·step/total)), 0 from `total` on."""
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+        return [opt_g, opt_d], [build_scheduler(self.lr_scheduler_spec, o) for o in (opt_g, opt_d)]
 
 
 def run_dir_of(module: L.LightningModule) -> Path:

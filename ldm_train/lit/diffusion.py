@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +12,7 @@ from torch import nn
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import offset_noise
 from ldm_train.lit.checkpoints import check_state_shapes
+from ldm_train.lit.optim import build_optimizer, build_scheduler
 from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
 from ldm_train.pipeline.first_stage import FirstStage
@@ -27,14 +27,6 @@ def cfg_drop_mask(batch_size: int, p: float, device: torch.device | str = "cpu",
     if force is not None:
         return force.to(device=device, dtype=torch.bool)
     return torch.rand(batch_size, device=device) < p
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class DiffusionModule(L.LightningModule):
@@ -184,7 +176,8 @@ class DiffusionModule(L.LightningModule):
         c = self.cfg
         params = [p for p in self.trainable().parameters() if p.requires_grad]
         # the fused kernel: one op for all parameters (CUDA, and CPU since torch 2.4), ~4x less optimizer time
-        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=c["weight_decay"], fused=use_fused_optimizer(self))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, c["warmup_steps"], c["max_steps"]))
+        opt = build_optimizer(c["optimizer"], params, c["lr"], use_fused_optimizer(self))
+        sched = build_scheduler(c["lr_scheduler"], opt)
+        if sched is None:  # constant LR
+            return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,4 +1,4 @@
-"""Stage-1 loss: L1 + perceptual, a learned log-variance, the KL or VQ term, and an adaptive PatchGAN term."""
+"""Stage-1 loss: L1 + perceptual over a log-variance (fixed or learned), the KL or VQ term, an adaptive GAN term."""
 
 from __future__ import annotations
 
@@ -47,12 +47,15 @@ class AutoencoderLoss(nn.Module):
 
     `reduction="sum"` (KL) sums nll over C,H,W and averages over the batch, as CompVis does, so kl_weight 1e-6
     keeps the paper's meaning; `reduction="mean"` (VQ) uses plain means, as taming does. Both come from the
-    regularizer (`reduction`, and `reg_key`: the entry of its log dict that is its loss).
+    regularizer (`reduction`, and `reg_key`: the entry of its log dict that is its loss). That meaning holds with
+    the fixed logvar (`learn_logvar=False`, CompVis' behaviour). A learned logvar settles at exp(logvar) ≈ mean(rec),
+    which divides the reconstruction gradient by mean(rec): the regularizer then weighs reg_weight·mean(rec)
+    relative to the reconstruction, not reg_weight.
     """
 
     def __init__(self, *, reduction: str, reg_weight: float, reg_key: str, perceptual: dict, disc: dict,
-                 disc_start: int, disc_weight: float = 0.5, disc_loss: str = "hinge", learn_logvar: bool = True,
-                 logvar_init: float = 0.0):
+                 disc_start: int | None, disc_weight: float = 0.5, disc_loss: str = "hinge",
+                 learn_logvar: bool = False, logvar_init: float = 0.0):
         super().__init__()
         if reduction not in ("sum", "mean"):
             raise ValueError(f"loss.reduction must be sum or mean, got {reduction!r}")
@@ -68,8 +71,8 @@ class AutoencoderLoss(nn.Module):
         self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)), requires_grad=learn_logvar)
 
     def disc_factor(self, step: int) -> float:
-        """1 from `disc_start` on, 0 before: nothing adversarial happens before it."""
-        return 1.0 if step >= self.disc_start else 0.0
+        """1 from `disc_start` on, 0 before: nothing adversarial happens before it (never with disc_start None)."""
+        return 1.0 if self.disc_start is not None and step >= self.disc_start else 0.0
 
     def reconstruction(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel rec (B, C, H, W) and the perceptual distance (B, 1, 1, 1) used in it."""

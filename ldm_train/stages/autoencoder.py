@@ -45,8 +45,10 @@ def run(cfg: DictConfig) -> dict:
              arch["f"], len(train_ds), len(val_ds), gb, lr, f" (= {ae.lr:g} × {gb})" if ae.scale_lr else "")
     reg_weight = cfg.regularizer[regularizer_class(cfg.regularizer.name).weight_key]
     module = AutoencoderModule(arch, OmegaConf.to_container(ae.loss, resolve=True), reg_weight, lr,
-                               out_dir=str(run_dir(cfg)), lr_schedule=ae.lr_schedule, max_steps=ae.max_steps,
-                               channels_last=cfg.trainer.get("channels_last", True), compile=ae.get("compile", False))
+                               OmegaConf.to_container(ae.optimizer, resolve=True),
+                               OmegaConf.to_container(ae.lr_scheduler, resolve=True) if ae.lr_scheduler else None,
+                               out_dir=str(run_dir(cfg)), channels_last=cfg.trainer.get("channels_last", True),
+                               compile=ae.get("compile", False))
     perceptual = {"net": ae.loss.perceptual.net, "weights": module.loss.perceptual.resolved,
                   "metric_name": module.perceptual_name}
     log.info("perceptual loss: %s backbone with %s weights → logged as %s", perceptual["net"],

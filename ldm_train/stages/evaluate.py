@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.evaluation.features import FeatureNetwork, resolve_features
-from ldm_train.evaluation.metrics import frechet, reconstruction_metrics, unit
+from ldm_train.evaluation.metrics import generation_metrics, reconstruction_metrics
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder, stage1_command
 from ldm_train.utils.images import save_grid
 from ldm_train.utils.io import atomic_write_json
@@ -100,36 +100,32 @@ def real_set(cfg: DictConfig, resolution: int, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tuple[dict, Path]:
+def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tuple[dict, Path | None]:
     from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_artifact(diffusion_dir(cfg))
     config = pipe.config
-    shapes = config.get("data") == "shapes"
-    if shapes:
+    alignment = None
+    if config.get("data") == "shapes":
         from ldm_train.data.shapes import caption_alignment, captions_to_labels
-    fd = frechet(features) if features else None
-    hits, n, grid = 0.0, 0, None
-    for i, batch in enumerate(real_set(cfg, config["resolution"], cfg.eval.num_samples)):
-        captions = list(batch["caption"])
+
+        alignment = caption_alignment
+
+    def gen_fn(captions: list[str], seed: int) -> torch.Tensor:
+        """Images in [-1, 1] for `captions`, with the evaluation's sampling settings and this seed."""
         labels = captions_to_labels(captions) if pipe.text_encoder.needs_labels else None
-        images = pipe.generate(captions, **{**cfg.sampling, "seed": cfg.sampling.seed + i}, labels=labels)
-        if fd is not None:
-            fd.update(unit(batch["image"]), real=True)
-            fd.update(unit(images), real=False)
-        if shapes:
-            hits += caption_alignment(images, captions) * len(images)
-        n += len(images)
-        if grid is None:
-            k = min(8, len(images))
-            grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
-                             scale=max(1, 64 // config["resolution"]))
-    metrics = {"eval_samples": n, "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
-               "eval_guidance_scale": float(cfg.sampling.guidance_scale)}
-    if fd is not None:
-        metrics[features.fid_key] = float(fd.compute())
-    if shapes:
-        metrics["caption_alignment"] = hits / max(n, 1)
+        return pipe.generate(captions, **{**cfg.sampling, "seed": seed}, labels=labels)
+
+    real = real_set(cfg, config["resolution"], cfg.eval.num_samples)
+    metrics, first = generation_metrics(gen_fn, real, features, alignment, seed=cfg.sampling.seed)
+    grid = None
+    if first is not None:
+        images, captions = first
+        k = min(8, len(images))
+        grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
+                         scale=max(1, 64 // config["resolution"]))
+    metrics.update(eval_sampler=cfg.sampling.sampler, eval_steps=cfg.sampling.steps,
+                   eval_guidance_scale=float(cfg.sampling.guidance_scale))
     return metrics, grid
 
 
