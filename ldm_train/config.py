@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
@@ -13,7 +15,7 @@ ARCH_DIR = Path(__file__).resolve().parent / "arch"
 STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the framework refuses; the message names the fix."""
 
 
@@ -95,6 +97,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
                           "or autoencoder.loss.disc.norm=group")
+    from ldm_train.checks import check_run_inputs  # here: checks imports this module
+
+    check_run_inputs(cfg)
 
 
 def _validate_distribution(cfg: DictConfig) -> None:

@@ -195,6 +195,7 @@ def test_training_stops_when_too_much_is_unreadable(tmp_path):
         else:
             (root / f"img{i:02d}.png").write_bytes(b"")
     cfg = compose_cfg([*smoke_overrides(tmp_path), "data=folder", f"data.root={root}", "data.resolution=16",
-                       "data.num_workers=0", "autoencoder.max_steps=8", "autoencoder.val_every=8"])
+                       "data.num_workers=0", "data.min_val_images=1", "autoencoder.max_steps=8",
+                       "autoencoder.val_every=8"])
     with pytest.raises(SkipFractionError, match=r"data.max_skip_fraction=0.05.*empty_file"):
         run(cfg)

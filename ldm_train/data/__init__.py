@@ -28,7 +28,7 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
         train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip, **common)
         val = ImageFolderDataset(cfg.root, cfg.resolution, **common)  # no augmentation: validation must be repeatable
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_val = max(1, int(len(train) * cfg.val_fraction)) if len(train) > 1 else 0
+        n_val = folder_val_size(len(train), cfg.val_fraction)
         return Subset(train, order[n_val:] or order), Subset(val, order[:n_val] or order)
     if cfg.name == "webdataset":
         from ldm_train.data.webdataset import image_streams
@@ -39,6 +39,11 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
 
         return latent_streams(cfg)
     raise ValueError(f"unknown data {cfg.name!r}; valid: {', '.join(DATA_NAMES)}")
+
+
+def folder_val_size(n_images: int, val_fraction: float) -> int:
+    """Images of a folder held out for validation: max(1, ⌊n · val_fraction⌋), none of a single image."""
+    return max(1, int(n_images * val_fraction)) if n_images > 1 else 0
 
 
 class EpochLoader(DataLoader):

@@ -23,6 +23,13 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _to_rgb = to_rgb  # the old private name
 
 
+def list_images(root: Path, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> list[Path]:
+    """Image files below `root` (recursive), sorted by relative POSIX path: the same order on every machine."""
+    root = Path(root)
+    return sorted((p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
 class ImageFolderDataset(Dataset):
     """Images under `root` (recursive, sorted) resized and cropped to a square `resolution`.
 
@@ -50,11 +57,7 @@ class ImageFolderDataset(Dataset):
         )
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder '{self.root}' does not exist; {expected}")
-        # Sorting relative POSIX paths makes the index -> file mapping identical on every machine.
-        self.files = sorted(
-            (p for p in self.root.rglob("*") if p.suffix.lower() in self.extensions and p.is_file()),
-            key=lambda p: p.relative_to(self.root).as_posix(),
-        )
+        self.files = list_images(self.root, self.extensions)
         if not self.files:
             raise FileNotFoundError(f"no images found in folder '{self.root}'; {expected}")
 

@@ -8,11 +8,12 @@ import lightning as L
 import torch
 
 from ldm_train.data.images import CONVERT_REASONS, COUNT_KEYS, COUNTS_KEY, SKIP_REASONS, skip_fraction, summarize
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class SkipFractionError(RuntimeError):
+class SkipFractionError(UserError, RuntimeError):
     """Too much of the data was unreadable: the run stops instead of training on what is left."""
 
 

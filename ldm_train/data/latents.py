@@ -20,11 +20,12 @@ import torch
 
 from ldm_train.data.images import Counts, SkipSample, decode_caption
 from ldm_train.data.webdataset import ShardStream, expand_urls
+from ldm_train.errors import UserError
 
 INFO_FILE = "cache.json"
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A latent cache that does not belong to this run's autoencoder (or text encoder)."""
 
 

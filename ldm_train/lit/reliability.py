@@ -28,12 +28,13 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from ldm_train.data.resumable import ResumableLoader
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradients."""
 
 

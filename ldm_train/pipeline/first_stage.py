@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm_train.errors import UserError
 from ldm_train.pipeline.artifacts import content_hash, load_autoencoder
 
 
-class LatentStdError(RuntimeError):
+class LatentStdError(UserError, RuntimeError):
     """Scaled latents far from unit variance: training on them would quietly fail."""
 
 

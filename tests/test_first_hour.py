@@ -1,0 +1,182 @@
+"""A new user's mistakes: one line `error: …`, exit status 2, no traceback, no empty run folder left behind;
+start-up checks of paths, data sizes and sampler settings; suggested commands that keep the user's overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_train.commands import suggest_command
+from ldm_train.config import ConfigError, validate
+from ldm_train.errors import USER_ERROR_EXIT, UserError
+from tests.conftest import compose_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m ldm_train experiment=smoke <overrides>` launched in `tmp_path`, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ldm_train", "experiment=smoke",
+                           f"paths.artifacts={tmp_path / 'artifacts'}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def image_folder(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((20, 20, 3), 5 * i, np.uint8)).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"image {i}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- one line, exit 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("f=3",), "error: invalid f=3: valid downsampling factors are"),
+    (("stage=sample", "sampler=euler"), "error: unknown sampler sampler='euler'; valid: ddpm, ddim, dpmpp_2m"),
+    (("stage=diffusion",), "error: no autoencoder artifact at"),
+])
+def test_a_mistake_prints_one_line_and_exits_2(tmp_path, overrides, message):
+    result = cli(tmp_path, *overrides)
+    assert result.returncode == USER_ERROR_EXIT, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    # the run folder of a run that failed its checks is gone, and so are the empty folders above it
+    assert not (tmp_path / "outputs").exists(), list((tmp_path / "outputs").rglob("*"))
+
+
+def test_the_train_it_first_command_keeps_the_users_overrides(tmp_path):
+    result = cli(tmp_path, "stage=diffusion", "seed=3")
+    expected = (f"python -m ldm_train stage=autoencoder experiment=smoke paths.artifacts={tmp_path / 'artifacts'} "
+                "seed=3 f=4 regularizer=kl")
+    assert f"train it first with `{expected}`" in result.stderr, result.stderr
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
+    import ldm_train.__main__ as entry
+
+    cfg = compose_cfg(["experiment=smoke", f"paths.run_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+
+    def bug(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(entry, "run", bug)
+    with pytest.raises(KeyError):
+        entry.main.__wrapped__(cfg)
+    assert (tmp_path / "run").is_dir()  # only a failed check's folder is removed
+
+    def mistake(cfg):
+        raise ConfigError("wrong")
+
+    monkeypatch.setattr(entry, "run", mistake)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main.__wrapped__(cfg)
+    assert exit_info.value.code == USER_ERROR_EXIT
+
+
+def test_every_user_error_shares_one_base():
+    from ldm_train.data.health import SkipFractionError
+    from ldm_train.data.latents import CacheError
+    from ldm_train.evaluation.features import FeatureNetworkError
+    from ldm_train.lit.checkpoints import CheckpointError
+    from ldm_train.pipeline.artifacts import ArtifactError
+    from ldm_train.pipeline.first_stage import LatentStdError
+
+    for cls in (ConfigError, SkipFractionError, CacheError, FeatureNetworkError, CheckpointError, ArtifactError,
+                LatentStdError):
+        assert issubclass(cls, UserError), cls
+
+
+def test_a_run_folder_with_results_is_kept(tmp_path, monkeypatch):
+    from ldm_train.__main__ import remove_empty_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "autoencoder" / "kl_f4" / "t1"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "ldm_train.log").write_text("")
+    (run / "checkpoints").mkdir()
+    assert not remove_empty_run_dir(run) and run.is_dir()
+    (run / "checkpoints").rmdir()
+    (tmp_path / "outputs" / "autoencoder" / "kl_f4" / "t0").mkdir()  # an earlier run: the parents stay
+    assert remove_empty_run_dir(run) and not run.exists()
+    assert (tmp_path / "outputs" / "autoencoder" / "kl_f4").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- start-up checks
+
+
+def checked(*overrides: str) -> None:
+    validate(compose_cfg(["experiment=smoke", *overrides]))
+
+
+def test_a_small_folder_is_refused_with_the_fraction_that_fits(tmp_path):
+    folder = image_folder(tmp_path / "imgs", 40)
+    with pytest.raises(ConfigError, match=r"holds 40 images: data.val_fraction=0.02 holds out 1 .*"
+                                          r"Fix: data.val_fraction=0.2 \(8 of 40\)"):
+        checked("data=folder", f"data.root={folder}")
+    checked("data=folder", f"data.root={folder}", "data.val_fraction=0.2")
+    with pytest.raises(ConfigError, match="no such folder"):
+        checked("data=folder", f"data.root={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="needs data.root="):
+        checked("data=folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        checked("data=folder", f"data.root={empty}")
+
+
+def test_sampling_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        checked("stage=sample", "sampler=euler")
+    with pytest.raises(ConfigError, match=r"strength=1.5 is outside \[0, 1\]"):
+        checked("stage=sample", "strength=1.5")
+    with pytest.raises(ConfigError, match="init_image=.*no such file"):
+        checked("stage=sample", f"init_image={tmp_path / 'x.png'}")
+    with pytest.raises(ConfigError, match="unknown sampler diffusion.val_sampler"):
+        checked("stage=diffusion", "diffusion.val_sampler=euler")
+
+
+def test_shards_must_exist_and_feed_every_reader(tmp_path):
+    urls = f"'{tmp_path}/train-{{000000..000001}}.tar'"
+    with pytest.raises(ConfigError, match=r"2 of 2 shards do not exist"):
+        checked("data=webdataset", f"data.urls={urls}")
+    for i in range(2):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"2 shard\(s\) for 1 rank\(s\) × 3 worker\(s\) = 3 readers.*"
+                                          r"data.num_workers=2, or write smaller shards \(python -m "
+                                          r"ldm_train.data.make_shards --shard-size"):
+        checked("data=webdataset", f"data.urls={urls}", "data.num_workers=3")
+    checked("data=webdataset", f"data.urls={urls}", "data.num_workers=2")
+
+
+def test_latent_cache_shards_name_the_cache_option(tmp_path, smoke_autoencoder):
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"cache.shard_size="):
+        checked("stage=diffusion", "data=latents", f"data.urls={tmp_path}/train-000000.tar", "data.num_workers=2",
+                f"autoencoder.path={smoke_autoencoder['artifact']}")
+
+
+# ---------------------------------------------------------------------------------------------- suggested commands
+
+
+def test_suggested_commands_repeat_the_users_overrides():
+    typed = ["experiment=smoke", "stage=sample", "prompt=[a,b]", "f=8", "ckpt_path=last", "data=folder",
+             "data.root=/my images"]
+    # a stage switch drops the keys only the other stage has (prompt), and ckpt_path; quoting survives the shell
+    assert suggest_command("stage=autoencoder", "f=4", overrides=typed) == (
+        "python -m ldm_train stage=autoencoder experiment=smoke data=folder 'data.root=/my images' f=4")
+    # choosing another data group drops the keys of the old one
+    assert suggest_command("stage=diffusion", "data=latents", "data.urls=x.tar", overrides=typed) == (
+        "python -m ldm_train stage=diffusion experiment=smoke f=8 data=latents data.urls=x.tar")
+    assert suggest_command("ckpt_path=last", overrides=["experiment=smoke", "stage=diffusion", "ckpt_path=a.ckpt"]) \
+        == "python -m ldm_train stage=diffusion experiment=smoke ckpt_path=last"
