@@ -14,7 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from ldm_train.checks import check_artifacts
 from ldm_train.config import CONF_DIR, run_dir, validate
-from ldm_train.errors import USER_ERROR_EXIT, UserError
+from ldm_train.errors import CTRL_C_EXIT, USER_ERROR_EXIT, UserError
 
 log = logging.getLogger("ldm_train")
 
@@ -81,6 +81,10 @@ def main(cfg: DictConfig) -> None:
     except (UserError, MissingMandatoryValue) as err:  # a mistake the user can fix: one line, exit status 2
         report_user_error(err, cfg)
         sys.exit(USER_ERROR_EXIT)
+    except KeyboardInterrupt:  # Ctrl-C before training started (training saves a checkpoint itself: lit/resume.py)
+        print("interrupted before training started: nothing to save", file=sys.stderr, flush=True)
+        remove_empty_run_dir(run_dir(cfg))
+        sys.exit(CTRL_C_EXIT)
 
 
 if __name__ == "__main__":

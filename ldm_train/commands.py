@@ -72,3 +72,10 @@ def suggest_command(*changes: str, overrides: list[str] | None = None) -> str:
     # the stage first, the way people write it
     parts = sorted([*kept, *changes], key=lambda o: override_key(o) != "stage")
     return " ".join([PROGRAM, *(shlex.quote(p) for p in parts)])
+
+
+def resume_command(stage: str, run_stage: str, checkpoint) -> str:
+    """The command that continues an interrupted `stage` from `checkpoint`: `ckpt_path=last` where a fresh run finds
+    it (a sibling run folder of the same stage), else the file itself."""
+    explicit = user_chose_run_dir() or run_stage != stage
+    return suggest_command(f"stage={stage}", f"ckpt_path={checkpoint if explicit else 'last'}")

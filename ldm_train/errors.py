@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 USER_ERROR_EXIT = 2  # like argparse: the command line (or what it points at) is wrong
+CTRL_C_EXIT = 130  # 128 + SIGINT: what a shell reports for a process stopped by Ctrl-C
 
 
 class UserError(Exception):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 
 import torch
@@ -69,6 +70,12 @@ def share_rank_with_workers() -> None:
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(dist.get_rank()), str(dist.get_world_size())
 
 
+def ignore_ctrl_c(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, but only the main process decides (it
+    saves a checkpoint at the end of the batch, ldm_train.lit.resume); a worker that died of it would fail that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
                 drop_last: bool = False, seed: int | None = None) -> DataLoader:
     """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
@@ -77,11 +84,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         # Lightning warns that an IterableDataset's __len__ may be wrong with workers; a stream's is exact per rank
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         return EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                           persistent_workers=num_workers > 0, pin_memory=False)
+                           persistent_workers=num_workers > 0, pin_memory=False, worker_init_fn=ignore_ctrl_c)
     if shuffle:
         from ldm_train.data.resumable import ResumableLoader
 
         return ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
-                               persistent_workers=num_workers > 0, pin_memory=False)
+                               persistent_workers=num_workers > 0, pin_memory=False, worker_init_fn=ignore_ctrl_c)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False)
+                      drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False,
+                      worker_init_fn=ignore_ctrl_c)

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm_train.lit.reliability import guard_step
+from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.trainer import use_fused_optimizer
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 from ldm_train.models.autoencoder import Autoencoder

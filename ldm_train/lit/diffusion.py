@@ -12,7 +12,7 @@ from torch import nn
 
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import NoiseSchedule, offset_noise
-from ldm_train.lit.reliability import guard_step
+from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
 from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.sampling import generate

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
 from ldm_train.lit.mfu import MFUMonitor
-from ldm_train.lit.reliability import ReliabilityCallback
+from ldm_train.lit.nonfinite import NonFiniteGuard
+from ldm_train.lit.resume import ResumeCallback
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,10 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
-    reliability = ReliabilityCallback(job_type, run_dir(cfg) / "checkpoints", t.get("max_nonfinite_steps", 10))
-    callbacks = [ckpt, reliability, *callbacks]
+    checkpoints = run_dir(cfg) / "checkpoints"
+    guard = NonFiniteGuard(checkpoints, t.get("max_nonfinite_steps", 10))
+    resume = ResumeCallback(job_type, checkpoints, run_stage=cfg.stage)  # after the guard: its counts are read
+    callbacks = [ckpt, guard, resume, *callbacks]
     if on_cuda(t.accelerator):
         torch.set_float32_matmul_precision(t.get("float32_matmul_precision", "high"))
     if t.get("mfu", True):
