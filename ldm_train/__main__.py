@@ -32,7 +32,9 @@ def run(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.ckpt_path = ckpt_path
     stage = importlib.import_module(f"ldm_train.stages.{cfg.stage}")
+    log.info("stage=%s: run folder %s", cfg.stage, run_dir(cfg))
     metrics = stage.run(cfg)
+    log.info("stage=%s done: run folder %s", cfg.stage, run_dir(cfg))
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if metrics and rank_zero_only.rank == 0:

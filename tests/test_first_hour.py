@@ -180,3 +180,36 @@ def test_suggested_commands_repeat_the_users_overrides():
         "python -m ldm_train stage=diffusion experiment=smoke f=8 data=latents data.urls=x.tar")
     assert suggest_command("ckpt_path=last", overrides=["experiment=smoke", "stage=diffusion", "ckpt_path=a.ckpt"]) \
         == "python -m ldm_train stage=diffusion experiment=smoke ckpt_path=last"
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def test_the_progress_bar_counts_the_steps_the_user_asked_for(caplog, monkeypatch):
+    """Stage 1: Lightning counts 2 optimizer steps a batch; the bar shows batches out of autoencoder.max_steps, the
+    reconstruction loss, and one log line projects the stage's time from the steps after the first."""
+    from types import SimpleNamespace
+
+    from ldm_train.lit import progress
+
+    clock = iter(range(100))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 2.0 * next(clock))  # 2 s per step
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, progress_bar_metrics={"bar/rec": 0.125})
+    bar = progress.StepProgress("stage 1", max_steps=50, steps_per_batch=2, refresh_every=5)
+    bar.on_train_start(trainer, None)
+    with caplog.at_level("INFO"):
+        for _ in range(12):
+            trainer.global_step += 2
+            bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert (bar._bar.n, bar._bar.total) == (12, 50)
+    text = str(bar._bar)
+    assert text.startswith("step 12/50 · ") and "rec=0.125" in text and "ETA" in text
+    # steps 1 → 11 took 20 s: 2 s/step; 39 steps remain: 78 s
+    assert "stage 1: 2.00 s/step over steps 1–11; projected 1m18s for the remaining 39 of 50 steps" in caplog.text
+    bar.teardown(trainer, None, "fit")
+
+
+def test_durations_read_as_a_person_would_write_them():
+    from ldm_train.lit.progress import format_duration
+
+    assert [format_duration(s) for s in (12, 245, 6 * 3600 + 12 * 60 + 5)] == ["12s", "4m05s", "6h12m"]

@@ -110,7 +110,8 @@ class DiffusionModule(L.LightningModule):
         drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
         loss = self.diffusion_loss(z0, self.condition(batch, drop))
         logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
-        self.log("train/loss", logs["loss"], prog_bar=True, batch_size=len(z0))  # over the global batch
+        self.log("train/loss", logs["loss"], batch_size=len(z0))  # over the global batch
+        self.log("bar/loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(z0))
         self.log("train/cfg_drop_fraction", logs["cfg_drop_fraction"], batch_size=len(z0))
         self._step_loss = loss.detach()
         return loss

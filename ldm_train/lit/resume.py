@@ -56,12 +56,14 @@ def _set_rng_state(state: dict) -> None:
 class ResumeCallback(Callback):
     """Exact resume (RNG and data position, the stage tag in each checkpoint) and checkpoints on interruption.
 
+    `steps_per_batch`: optimizer steps per training step (2 in stage 1); the message counts training steps.
     `run_stage`: the `stage=` the user ran (e.g. `pipeline`), when it is not the training stage `stage`; the resume
     command then names the checkpoint file, since `ckpt_path=last` only searches runs of the same stage.
     """
 
-    def __init__(self, stage: str, checkpoint_dir: str | Path, run_stage: str | None = None):
+    def __init__(self, stage: str, checkpoint_dir: str | Path, run_stage: str | None = None, steps_per_batch: int = 1):
         self.stage = stage
+        self.steps_per_batch = max(1, steps_per_batch)  # optimizer steps Lightning counts per training step
         self.run_stage = run_stage or stage
         self.checkpoint_dir = Path(checkpoint_dir)
         self._rng: dict | None = None  # RNG state after the last training step (or restored from a checkpoint)
@@ -135,7 +137,8 @@ class ResumeCallback(Callback):
         path = self.checkpoint_dir / "last.ckpt"
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
-            log.warning("interrupted at step %d by %s: saved %s; resume with %s", trainer.global_step,
+            log.warning("interrupted at step %d by %s: saved %s; resume with %s",
+                        trainer.global_step // self.steps_per_batch,
                         signal.Signals(signum).name, path, resume_command(self.stage, self.run_stage, path))
         raise Preempted(signum)
 
