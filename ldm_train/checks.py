@@ -16,6 +16,8 @@ SAMPLES = ("sample", "evaluate", "pipeline")
 
 def check_run_inputs(cfg: DictConfig) -> None:
     """Every check of this module that applies to `cfg.stage`, except the artifacts (see check_artifacts)."""
+    if cfg.logger.name == "tensorboard":
+        check_tensorboard()
     if cfg.stage in SAMPLES or cfg.stage == "diffusion":
         check_samplers(cfg)
     if cfg.stage == "sample":
@@ -31,6 +33,15 @@ def check_run_inputs(cfg: DictConfig) -> None:
             check_folder(cfg)
         elif cfg.data.name in ("webdataset", "latents"):
             check_shards(cfg)
+
+
+def check_tensorboard() -> None:
+    """Lightning's TensorBoardLogger needs `tensorboard` (or `tensorboardX`), which `make setup` does not install."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("logger=tensorboard needs the tensorboard package: `pip install tensorboard`, or choose "
+                          "logger=csv (metrics.csv in the run folder), wandb or none")
 
 
 def check_artifacts(cfg: DictConfig) -> None:

@@ -213,3 +213,24 @@ def test_durations_read_as_a_person_would_write_them():
     from ldm_train.lit.progress import format_duration
 
     assert [format_duration(s) for s in (12, 245, 6 * 3600 + 12 * 60 + 5)] == ["12s", "4m05s", "6h12m"]
+
+
+def test_logger_tensorboard_needs_its_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with pytest.raises(ConfigError, match="logger=tensorboard needs the tensorboard package: `pip install"):
+        checked("logger=tensorboard")
+
+
+def test_help_says_what_ldm_train_is_and_what_to_try_first(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "ldm_train", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.startswith("ldm_train: train Latent Diffusion Models in two stages")
+    stages = [out.index(f"stage={s} ") for s in ("autoencoder", "cache_latents", "diffusion", "sample")]
+    assert stages == sorted(stages)  # in the order they run
+    assert "experiment=smoke stage=pipeline" in out and "data: folder, latents, shapes, webdataset" in out
+    assert "Powered by Hydra" not in out
