@@ -206,7 +206,27 @@ def test_the_progress_bar_counts_the_steps_the_user_asked_for(caplog, monkeypatc
     assert text.startswith("step 12/50 · ") and "rec=0.125" in text and "ETA" in text
     # steps 1 → 11 took 20 s: 2 s/step; 39 steps remain: 78 s
     assert "stage 1: 2.00 s/step over steps 1–11; projected 1m18s for the remaining 39 of 50 steps" in caplog.text
+    assert "on the CPU" not in caplog.text
     bar.teardown(trainer, None, "fit")
+
+
+def test_a_days_long_cpu_stage_is_called_out(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ldm_train.lit import progress
+
+    clock = iter(range(100))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 5.0 * next(clock))  # 5 s per step
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, progress_bar_metrics={},
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    bar = progress.StepProgress("stage 1", max_steps=50000, bar=False)
+    with caplog.at_level("INFO"):
+        for _ in range(12):
+            trainer.global_step += 1
+            bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert "stage 1 would train for 69h25m on the CPU. On a CPU try experiment=quickstart" in caplog.text
 
 
 def test_durations_read_as_a_person_would_write_them():

@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
+LONG_CPU_RUN_S = 6 * 3600  # a projected CPU stage longer than this gets a warning with the alternatives
 PROJECT_AFTER = 10  # steps after the first (which pays start-up costs) measured for the projected stage time
 
 
@@ -70,10 +71,15 @@ class StepProgress(Callback):
         elif not self._projected and step - self._step1 >= PROJECT_AFTER and trainer.is_global_zero:
             self._projected = True
             elapsed, measured = now - self._t1, step - self._step1
+            remaining = projected_seconds(elapsed, measured, self.max_steps - step)
             log.info("%s: %.2f s/step over steps %d–%d; projected %s for the remaining %d of %d steps", self.stage,
-                     elapsed / measured, self._step1, step, format_duration(
-                         projected_seconds(elapsed, measured, self.max_steps - step)), self.max_steps - step,
+                     elapsed / measured, self._step1, step, format_duration(remaining), self.max_steps - step,
                      self.max_steps)
+            device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+            if remaining > LONG_CPU_RUN_S and getattr(device, "type", None) == "cpu":
+                log.warning("%s would train for %s on the CPU. On a CPU try experiment=quickstart (minutes) or "
+                            "experiment=smoke (seconds), lower the stage's max_steps, or run on a GPU",
+                            self.stage, format_duration(remaining))
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if step % self.refresh_every == 0:
