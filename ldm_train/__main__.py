@@ -83,8 +83,9 @@ def main(cfg: DictConfig) -> None:
     except (UserError, MissingMandatoryValue) as err:  # a mistake the user can fix: one line, exit status 2
         report_user_error(err, cfg)
         sys.exit(USER_ERROR_EXIT)
-    except KeyboardInterrupt:  # Ctrl-C before training started (training saves a checkpoint itself: lit/resume.py)
-        print("interrupted before training started: nothing to save", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (within them, lit/resume.py saves a checkpoint)
+        print("interrupted outside the training steps: nothing was saved now (earlier checkpoints are kept)",
+              file=sys.stderr, flush=True)
         remove_empty_run_dir(run_dir(cfg))
         sys.exit(CTRL_C_EXIT)
 
