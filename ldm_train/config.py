@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the framework refuses; the message names the fix."""
 
 
@@ -103,6 +105,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
                           "or autoencoder.loss.disc.norm=group")
+    from ldm_train.checks import check_run_inputs  # here: checks imports this module
+
+    check_run_inputs(cfg)
 
 
 def idle_discriminator_warning(ae: DictConfig) -> str | None:

@@ -21,7 +21,8 @@ from ldm_train.__main__ import run
 from ldm_train.config import ConfigError, resolved_arch, validate
 from ldm_train.data.resumable import ResumableSampler
 from ldm_train.lit.checkpoints import CheckpointError, find_last_checkpoint, resolve_checkpoint
-from ldm_train.lit.reliability import NonFiniteError, ReliabilityCallback, guard_step, step_is_finite
+from ldm_train.lit.nonfinite import NonFiniteError, NonFiniteGuard, guard_step, step_is_finite
+from ldm_train.lit.resume import ResumeCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,7 @@ def adam_steps(ckpt: dict, index: int) -> set[int]:
 
 
 def nonfinite_state(ckpt: dict) -> dict:
-    return next(v for k, v in ckpt["callbacks"].items() if "ReliabilityCallback" in k)
+    return next(v for k, v in ckpt["callbacks"].items() if "NonFiniteGuard" in k)
 
 
 # ---------------------------------------------------------------------------------------------- finiteness check
@@ -101,13 +102,13 @@ def test_fused_optimizers_skip_a_bad_step_on_the_device(monkeypatch):
 
 def test_device_counters_catch_a_run_of_bad_steps_between_reads(tmp_path):
     """Flags 1,0,0,1 between two reads with max 2: the run of 2 ended before the read, which still stops the run."""
-    cb = ReliabilityCallback("diffusion", tmp_path, max_nonfinite_steps=2)
+    cb = NonFiniteGuard(tmp_path, max_nonfinite_steps=2)
     for flag in (1, 0, 0, 1):
         cb.record_step_on_device(torch.tensor(flag, dtype=torch.int32))
     with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
         cb.read_counts(4)
     assert (cb.nonfinite_total, cb.nonfinite_in_a_row) == (2, 0)
-    cb = ReliabilityCallback("diffusion", tmp_path, max_nonfinite_steps=3)
+    cb = NonFiniteGuard(tmp_path, max_nonfinite_steps=3)
     for flag in (0, 0, 1, 0):
         cb.record_step_on_device(torch.tensor(flag, dtype=torch.int32))
     cb.read_counts(4)  # runs of 2 and 1: below 3
@@ -208,10 +209,46 @@ def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(smoke_autoencoder, tmp_pat
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
-    assert "received SIGUSR1: saved" in out and "Traceback" not in out, out
+    assert "by SIGUSR1: saved" in out and "Traceback" not in out, out
     step = load(last)["global_step"]
     assert first < step < 100000
     assert re.search(rf"at step {step}\b", out), out
+    assert not (tmp_path / "a" / "diffusion").exists()  # no artifact from an interrupted run
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(smoke_autoencoder, tmp_path, compose_cfg):
+    """Ctrl-C in a terminal: SIGINT to the whole process group. The run saves last.ckpt at the end of the batch,
+    exits with 130 and prints a resume command with the user's own overrides that finds that checkpoint."""
+    import shlex
+
+    typed = ["experiment=smoke", "stage=diffusion", "logger=none", f"autoencoder.path={smoke_autoencoder['artifact']}",
+             f"paths.artifacts={tmp_path / 'a'}", "diffusion.max_steps=100000", "diffusion.val_every=4", "seed=1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_train", *typed], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while not list(tmp_path.glob("outputs/*/*/*/checkpoints/last.ckpt")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    found = list(tmp_path.glob("outputs/*/*/*/checkpoints/last.ckpt"))
+    assert found, proc.communicate(timeout=60)[0] if proc.poll() is not None else "no checkpoint in time"
+    last = found[0]
+    first = load(last)["global_step"]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out, out
+    step = load(last)["global_step"]
+    assert first < step < 100000
+    match = re.search(rf"interrupted at step {step} by SIGINT: saved {re.escape(str(last))}; resume with (.*)", out)
+    assert match, out
+    command = shlex.split(match.group(1))
+    assert command[:3] == ["python", "-m", "ldm_train"]
+    assert command[3:] == ["stage=diffusion", *[o for o in typed if o != "stage=diffusion"], "ckpt_path=last"]
+    # the suggested command, run from the same folder (a new sibling run folder), resumes from that checkpoint
+    sibling = last.parent.parent.parent / "later"
+    cfg = compose_cfg([*command[3:], f"paths.run_dir={sibling}"])
+    assert resolve_checkpoint(cfg) == str(last)
     assert not (tmp_path / "a" / "diffusion").exists()  # no artifact from an interrupted run
 
 
@@ -369,13 +406,13 @@ def _preempt_rank(rank: int, init_file: str, out_dir: str) -> None:
         os.environ.pop(key, None)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        cb = ReliabilityCallback("diffusion", out_dir)
+        cb = ResumeCallback("diffusion", out_dir)
         cb._signal = signal.SIGUSR1 if rank == 0 else None
         answers = []
         for logging_step in (False, False, True):
             trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=logging_step),
                                       strategy=SimpleNamespace(root_device=torch.device("cpu")))
-            answers.append(cb._preempted(trainer))
+            answers.append(cb._interrupted(trainer))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(answers))
     finally:
         dist.destroy_process_group()

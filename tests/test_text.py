@@ -177,3 +177,38 @@ def test_build_text_encoder():
     assert build_text_encoder({"name": "class", "num_classes": 5, "dim": 8}).null(2).shape == (2, 1, 8)
     with pytest.raises(ValueError, match="clip_l, minilm, scratch, class"):
         build_text_encoder({"name": "t5"})
+
+
+def test_clip_offline_fails_at_once_without_hub_retries(monkeypatch):
+    """Not in the cache and the hub unreachable: the clear error comes from the cache lookup alone (no hub request,
+    whose retries took minutes offline)."""
+    import transformers
+
+    from ldm_train.errors import MissingWeightsError, UserError
+    from ldm_train.models import text
+
+    calls = []
+
+    def from_pretrained(name, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        raise OSError(f"{name} is not in the cache")
+
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(text, "hub_reachable", lambda timeout_s=3.0: False)
+    with pytest.raises(MissingWeightsError, match="text_encoder=minilm") as info:
+        ClipTextEncoder("openai/clip-vit-large-patch14")
+    assert isinstance(info.value, UserError) and calls == [True]
+    monkeypatch.setattr(text, "hub_reachable", lambda timeout_s=3.0: True)  # online: the hub is asked too
+    calls.clear()
+    with pytest.raises(MissingWeightsError):
+        ClipTextEncoder("openai/clip-vit-large-patch14")
+    assert calls == [True, False]
+
+
+def test_hub_reachable_is_false_under_hf_hub_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from ldm_train.models.text import hub_reachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_reachable() is False

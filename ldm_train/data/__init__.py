@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 
 import torch
@@ -28,7 +29,7 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
         train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip, **common)
         val = ImageFolderDataset(cfg.root, cfg.resolution, **common)  # no augmentation: validation must be repeatable
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_val = max(1, int(len(train) * cfg.val_fraction)) if len(train) > 1 else 0
+        n_val = folder_val_size(len(train), cfg.val_fraction)
         return Subset(train, order[n_val:] or order), Subset(val, order[:n_val] or order)
     if cfg.name == "webdataset":
         from ldm_train.data.webdataset import image_streams
@@ -39,6 +40,11 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
 
         return latent_streams(cfg)
     raise ValueError(f"unknown data {cfg.name!r}; valid: {', '.join(DATA_NAMES)}")
+
+
+def folder_val_size(n_images: int, val_fraction: float) -> int:
+    """Images of a folder held out for validation: max(1, ⌊n · val_fraction⌋), none of a single image."""
+    return max(1, int(n_images * val_fraction)) if n_images > 1 else 0
 
 
 class EpochLoader(DataLoader):
@@ -64,6 +70,12 @@ def share_rank_with_workers() -> None:
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(dist.get_rank()), str(dist.get_world_size())
 
 
+def ignore_ctrl_c(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, but only the main process decides (it
+    saves a checkpoint at the end of the batch, ldm_train.lit.resume); a worker that died of it would fail that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
                 drop_last: bool = False, seed: int | None = None) -> DataLoader:
     """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
@@ -72,11 +84,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         # Lightning warns that an IterableDataset's __len__ may be wrong with workers; a stream's is exact per rank
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         return EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                           persistent_workers=num_workers > 0, pin_memory=False)
+                           persistent_workers=num_workers > 0, pin_memory=False, worker_init_fn=ignore_ctrl_c)
     if shuffle:
         from ldm_train.data.resumable import ResumableLoader
 
         return ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
-                               persistent_workers=num_workers > 0, pin_memory=False)
+                               persistent_workers=num_workers > 0, pin_memory=False, worker_init_fn=ignore_ctrl_c)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False)
+                      drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=False,
+                      worker_init_fn=ignore_ctrl_c)

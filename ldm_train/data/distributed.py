@@ -28,7 +28,10 @@ def rank_loader(dataset: Dataset, batch_size: int, *, train: bool, world_size: i
     if not train and left_out and rank == 0:
         log.warning("validation on %d processes uses %d of %d images (each once); the last %d are left out",
                     world_size, len(dataset) - left_out, len(dataset), left_out)
+    from ldm_train.data import ignore_ctrl_c
+
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
+                      worker_init_fn=ignore_ctrl_c,
                       persistent_workers=num_workers > 0, pin_memory=False)
 
 

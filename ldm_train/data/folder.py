@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from ldm_train.data.images import (
     COUNTS_KEY,
     DEFAULT_MAX_PIXELS,
+    NAMES_KEY,
     CaptionLimit,
     Counts,
     SkipSample,
@@ -21,6 +22,13 @@ from ldm_train.data.images import (
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _to_rgb = to_rgb  # the old private name
+
+
+def list_images(root: Path, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> list[Path]:
+    """Image files below `root` (recursive), sorted by relative POSIX path: the same order on every machine."""
+    root = Path(root)
+    return sorted((p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()),
+                  key=lambda p: p.relative_to(root).as_posix())
 
 
 class ImageFolderDataset(Dataset):
@@ -50,11 +58,7 @@ class ImageFolderDataset(Dataset):
         )
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder '{self.root}' does not exist; {expected}")
-        # Sorting relative POSIX paths makes the index -> file mapping identical on every machine.
-        self.files = sorted(
-            (p for p in self.root.rglob("*") if p.suffix.lower() in self.extensions and p.is_file()),
-            key=lambda p: p.relative_to(self.root).as_posix(),
-        )
+        self.files = list_images(self.root, self.extensions)
         if not self.files:
             raise FileNotFoundError(f"no images found in folder '{self.root}'; {expected}")
 
@@ -75,6 +79,9 @@ class ImageFolderDataset(Dataset):
             raise
 
     def __getitem__(self, index: int) -> dict:
+        """Item `index`; an unreadable file is counted here, at its own index only, and replaced by the next
+        readable file (the files passed over on the way are counted when their own index is read, so each bad file
+        counts once per epoch)."""
         counts = Counts()
         first_error = None
         for offset in range(len(self.files)):
@@ -83,11 +90,13 @@ class ImageFolderDataset(Dataset):
                 img = self.load_image(i, counts)
                 break
             except SkipSample as err:
-                counts.add(err.reason)
+                if offset == 0:
+                    counts.add(err.reason, name=str(self.files[i]))
                 first_error = first_error or err
         else:
             raise ValueError(f"no readable image in '{self.root}' (first failure: {first_error}); "
                              "remove or replace the broken files")
         image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts)
         caption = self.caption(i, counts)
-        return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take()}
+        return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take(),
+                NAMES_KEY: counts.take_names()}

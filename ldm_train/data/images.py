@@ -26,6 +26,8 @@ CONVERT_REASONS = ("alpha", "high_bit_depth", "grayscale", "cmyk", "small_upscal
 # Slot 0 counts delivered samples, so one summed vector gives the skip fraction.
 COUNT_KEYS = ("samples", *SKIP_REASONS, *CONVERT_REASONS)
 COUNTS_KEY = "data_counts"  # the batch key that carries the count vectors
+NAMES_KEY = "data_skipped"  # the batch key that carries "reason<TAB>file" lines of skipped inputs ("" for none)
+NAMED_PER_REASON = 5  # skipped inputs named per reason (per reader, and in the logs); the rest are only counted
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
@@ -39,13 +41,24 @@ class SkipSample(Exception):
 
 
 class Counts:
-    """Per-reason event counter of one reader (a worker); `take()` hands the pending counts to the next sample."""
+    """Per-reason event counter of one reader (a worker); `take()` hands the pending counts to the next sample,
+    `take_names()` the names of the first skipped inputs (NAMED_PER_REASON per reason and reader)."""
 
     def __init__(self):
         self.pending = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
+        self.named: dict[str, int] = {}  # reason → inputs named so far by this reader
+        self.pending_names: list[str] = []
 
-    def add(self, reason: str, n: int = 1) -> None:
+    def add(self, reason: str, n: int = 1, name: str | None = None) -> None:
         self.pending[COUNT_KEYS.index(reason)] += n
+        if name is not None and self.named.get(reason, 0) < NAMED_PER_REASON:
+            self.named[reason] = self.named.get(reason, 0) + 1
+            self.pending_names.append(f"{reason}\t{name}")
+
+    def take_names(self) -> str:
+        """"reason<TAB>name" lines of the inputs skipped since the last call ("" when none)."""
+        out, self.pending_names = "\n".join(self.pending_names), []
+        return out
 
     def take(self) -> torch.Tensor:
         """The counts since the last delivered sample, plus this delivered sample (slot 0)."""
@@ -57,6 +70,11 @@ class Counts:
 def summarize(total: torch.Tensor) -> dict[str, int]:
     """{reason: count} for the non-zero entries of a summed count vector (samples always present)."""
     return {k: int(v) for k, v in zip(COUNT_KEYS, total.tolist()) if v or k == "samples"}
+
+
+def parse_names(lines: str) -> list[tuple[str, str]]:
+    """The (reason, name) pairs of a `take_names()` string."""
+    return [tuple(line.split("\t", 1)) for line in lines.splitlines() if "\t" in line]
 
 
 def skip_fraction(total: torch.Tensor) -> float:

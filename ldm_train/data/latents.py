@@ -21,12 +21,13 @@ import torch
 
 from ldm_train.data.images import Counts, SkipSample, decode_caption
 from ldm_train.data.webdataset import ShardStream, expand_urls
+from ldm_train.errors import UserError
 
 INFO_FILE = "cache.json"
 LATENT_KEYS = ("mean.npy", "z.npy", "zq.npy")  # the regularizer's `cache_key`: the latent's entry in a sample
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A latent cache that does not belong to this run's autoencoder (or text encoder)."""
 
 

@@ -21,7 +21,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm_train.data.folder import DEFAULT_EXTENSIONS
-from ldm_train.data.images import DEFAULT_MAX_PIXELS, Counts, SkipSample, decode_caption, open_image, summarize
+from ldm_train.data.images import (
+    DEFAULT_MAX_PIXELS,
+    Counts,
+    SkipSample,
+    decode_caption,
+    open_image,
+    parse_names,
+    summarize,
+)
 from ldm_train.utils.io import atomic_write_dir
 
 _EXT = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
@@ -38,7 +46,7 @@ def folder_samples(root: Path, counts: Counts, max_pixels: int = DEFAULT_MAX_PIX
         try:
             open_image(data, max_pixels, counts)
         except SkipSample as err:
-            counts.add(err.reason)
+            counts.add(err.reason, name=str(path))
             continue
         ext = _EXT.get(path.suffix.lower())
         if ext is None:  # e.g. .bmp: not a shard image type, so re-encode losslessly
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary.pop("samples")
     print(f"wrote {sum(written.values())} samples to {args.out}: {written}; "
           f"bad inputs (skipped or converted): {summary or 'none'}")
+    for reason, name in parse_names(counts.take_names()):
+        print(f"  skipped ({reason}): {name}")
     for split in written:
         shards = sorted(args.out.glob(f"{split}-*.tar"))
         key = "data.urls" if split == "train" else "data.val_urls"

@@ -92,7 +92,7 @@ class ResumableSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A shuffling training DataLoader whose position in the epoch is saved in Lightning checkpoints.
 
-    `batches_done` is set by the training loop's callback (ldm_train.lit.reliability) at every batch start: the
+    `batches_done` is set by the training loop's callback (ldm_train.lit.resume) at every batch start: the
     loader itself cannot count, because Lightning fetches batches ahead of the one being trained on.
     """
 

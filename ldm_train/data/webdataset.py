@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset
 from ldm_train.data.images import (
     COUNTS_KEY,
     DEFAULT_MAX_PIXELS,
+    NAMES_KEY,
     CaptionLimit,
     Counts,
     SkipSample,
@@ -151,10 +152,11 @@ class ShardStream(IterableDataset):
             try:
                 item = self.decode(sample, self._counts)
             except SkipSample as err:
-                self._counts.add(err.reason)
+                self._counts.add(err.reason, name=f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
                 continue
             item["key"] = sample["__key__"]
             item[COUNTS_KEY] = self._counts.take()
+            item[NAMES_KEY] = self._counts.take_names()
             yield item
 
     def __iter__(self) -> Iterator[dict]:

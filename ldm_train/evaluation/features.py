@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_train.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FEATURES = ("auto", "inception", "shapes", "none")
 SHAPES_INPUT = 32  # the shapes network sees every image at 32 px, whatever the data resolution
 
 
-class FeatureNetworkError(RuntimeError):
+class FeatureNetworkError(UserError, RuntimeError):
     """The requested feature network cannot be built; the message names the fix."""
 
 

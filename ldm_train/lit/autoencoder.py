@@ -11,8 +11,8 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm_train.lit.checkpoints import check_state_shapes
+from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.optim import build_optimizer, build_scheduler
-from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import use_fused_optimizer
 from ldm_train.losses.autoencoder_loss import AutoencoderLoss
 from ldm_train.models.autoencoder import Autoencoder
@@ -88,7 +88,8 @@ class AutoencoderModule(L.LightningModule):
         logs.update(d_logs)
         logs = mean_logs_over_ranks(logs, x.device)  # the global batch's values, not rank 0's share
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(x))
-        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(x))
+        # the bar shows the reconstruction loss: the total holds the (negative when logvar is learned) NLL
+        self.log("bar/rec", logs["rec"], prog_bar=True, logger=False, batch_size=len(x))
 
     def on_train_start(self) -> None:
         if self.trainer.world_size > 1:  # own posterior samples per rank; weights stay identical (DDP broadcast)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ldm_train.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the fix."""
 
 

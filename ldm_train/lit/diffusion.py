@@ -12,8 +12,8 @@ from torch import nn
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.schedules import offset_noise
 from ldm_train.lit.checkpoints import check_state_shapes
+from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.optim import build_optimizer, build_scheduler
-from ldm_train.lit.reliability import guard_step
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
 from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
@@ -110,7 +110,8 @@ class DiffusionModule(L.LightningModule):
         drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
         loss = self.diffusion_loss(z0, self.condition(batch, drop))
         logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
-        self.log("train/loss", logs["loss"], prog_bar=True, batch_size=len(z0))  # over the global batch
+        self.log("train/loss", logs["loss"], batch_size=len(z0))  # over the global batch
+        self.log("bar/loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(z0))
         self.log("train/cfg_drop_fraction", logs["cfg_drop_fraction"], batch_size=len(z0))
         self._step_loss = loss.detach()
         return loss

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import ConfigError, run_dir
 from ldm_train.lit.mfu import MFUMonitor
-from ldm_train.lit.reliability import ReliabilityCallback
+from ldm_train.lit.nonfinite import NonFiniteGuard
+from ldm_train.lit.progress import StepProgress
+from ldm_train.lit.resume import ResumeCallback
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +191,18 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir(cfg) / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, val_every) * steps_per_batch)
-    reliability = ReliabilityCallback(job_type, run_dir(cfg) / "checkpoints", t.get("max_nonfinite_steps", 10))
-    callbacks = [ckpt, reliability, *callbacks]
+    checkpoints = run_dir(cfg) / "checkpoints"
+    guard = NonFiniteGuard(checkpoints, t.get("max_nonfinite_steps", 10))
+    # after the guard, so the counts a preemption checkpoint holds are current
+    resume = ResumeCallback(job_type, checkpoints, run_stage=cfg.stage, steps_per_batch=steps_per_batch)
+    callbacks = [ckpt, guard, resume, *callbacks]
     if on_cuda(t.accelerator):
         torch.set_float32_matmul_precision(t.get("float32_matmul_precision", "high"))
     if t.get("mfu", True):
         callbacks.append(MFUMonitor(t.get("peak_tflops", "auto")))
-    if t.enable_progress_bar:  # the bar reads its metrics (a host sync) at each refresh: refresh when logging
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
+    # the bar reads its metrics (a host sync) at each refresh: refresh when logging
+    callbacks.append(StepProgress(job_type, max_steps // steps_per_batch, steps_per_batch,
+                                  refresh_every=max(1, t.log_every_n_steps), bar=bool(t.enable_progress_bar)))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         precision=resolve_precision(t.precision, t.accelerator),
@@ -204,7 +210,7 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1), max_steps=max_steps,
         max_time=max_time or t.max_time,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
+        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=False,  # StepProgress draws the bar
         deterministic=t.deterministic, benchmark=bool(t.get("benchmark", True)) and not t.deterministic,
         gradient_clip_val=gradient_clip_val, logger=build_logger(cfg, job_type),
         callbacks=callbacks,

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_train.errors import MissingWeightsError
+
 log = logging.getLogger(__name__)
 
 MIN_SIZE = 32
@@ -53,7 +55,7 @@ def resolve_backbone_weights(net: str, weights: str) -> str:
     if weights == "imagenet":
         if not available:
             path = backbone_weights_file(net)
-            raise FileNotFoundError(
+            raise MissingWeightsError(
                 f"ImageNet weights for the LPIPS {net} backbone are missing: {path}. Put the file there (TORCH_HOME "
                 f"sets the cache root, now {torch.hub.get_dir()}), run once with internet, or choose "
                 "loss.perceptual.weights=random (logged as a variant, not as LPIPS)")

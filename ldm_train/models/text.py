@@ -4,12 +4,28 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ldm_train.config import ConfigError
+from ldm_train.errors import MissingWeightsError
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within `timeout_s` (False under HF_HUB_OFFLINE); proxies are honoured."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception:  # any failure to connect (DNS, refused, timeout, proxy) means: not reachable now
+        return False
+    return True
 
 
 class Conditioner(nn.Module):
@@ -138,16 +154,17 @@ class ClipTextEncoder(_FrozenEncoder):
             try:
                 return load(True)
             except (OSError, ValueError):
-                if local_files_only:
+                if local_files_only or Path(name_or_path).exists():
+                    raise
+                if not hub_reachable():  # offline: the same answer now, instead of minutes of retries
                     raise
             return load(False)
         except (OSError, ValueError) as e:  # HF raises OSError for missing files, ValueError for bad repo ids
-            raise OSError(
-                f"could not load CLIP text encoder {name_or_path!r} ({type(e).__name__}: {e}). "
-                "It must be in the Hugging Face cache (set HF_HOME to a cache that has it) or on disk: "
-                "pass text_encoder.name_or_path=/path/to/clip (a folder with the tokenizer and "
-                "CLIPTextModel files); HF_HUB_OFFLINE=1 skips slow hub retries. "
-                "Without these weights use text_encoder=minilm, which works offline."
+            raise MissingWeightsError(
+                f"could not load CLIP text encoder {name_or_path!r} ({type(e).__name__}: {' '.join(str(e).split())}). "
+                "It must be in the Hugging Face cache (set HF_HOME to a cache that has it), downloadable from the hub, "
+                "or on disk: pass text_encoder.name_or_path=/path/to/clip (a folder with the tokenizer and "
+                "CLIPTextModel files). Without these weights use text_encoder=minilm, which works offline."
             ) from e
 
     @classmethod

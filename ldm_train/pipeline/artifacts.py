@@ -20,12 +20,14 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from ldm_train.commands import suggest_command
 from ldm_train.config import ConfigError
+from ldm_train.errors import UserError
 from ldm_train.pipeline.provenance import PROVENANCE_FILE, log_replacement
 from ldm_train.utils.io import atomic_write_dir, file_hash
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A missing, incomplete or mismatched artifact; the message names the command that fixes it."""
 
 
@@ -73,7 +75,13 @@ def save_autoencoder(final: Path, model: torch.nn.Module, arch: dict, calibratio
 
 
 def stage1_command(regularizer: str, f: int | str) -> str:
-    return f"python -m ldm_train stage=autoencoder f={f} regularizer={regularizer}"
+    """The stage-1 command for this autoencoder, with the user's own overrides (see ldm_train.commands)."""
+    return suggest_command("stage=autoencoder", f"f={f}", f"regularizer={regularizer}")
+
+
+def artifact_choice(arch: dict) -> tuple[str, str]:
+    """The `f=` and `regularizer=` overrides that address an autoencoder artifact of this architecture."""
+    return f"f={arch['f']}", f"regularizer={arch['regularizer']['name']}"
 
 
 def read_arch(artifact: Path) -> dict:
@@ -123,7 +131,7 @@ def read_calibration(artifact: Path) -> dict:
         arch = read_arch(artifact)
         raise ArtifactError(
             f"autoencoder {artifact} is not calibrated ({path.name} missing): run "
-            f"`python -m ldm_train stage=calibrate f={arch['f']} regularizer={arch['regularizer']['name']}`")
+            f"`{suggest_command('stage=calibrate', *artifact_choice(arch))}`")
     data = json.loads(path.read_text())
     scale = data.get("scale_factor")
     if not isinstance(scale, (int, float)) or not scale > 0 or scale != scale:
@@ -156,7 +164,7 @@ def read_diffusion(artifact: Path) -> tuple[dict, Path]:
     artifact = Path(artifact)
     if not (artifact / "model.safetensors").exists():
         raise ArtifactError(f"no diffusion artifact at {artifact}: train one with "
-                            "`python -m ldm_train stage=diffusion` (or set diffusion_path=)")
+                            f"`{suggest_command('stage=diffusion')}` (or set diffusion_path=)")
     config = OmegaConf.to_container(OmegaConf.load(artifact / "config.yaml"))
     ref = json.loads((artifact / "autoencoder.json").read_text())
     ae = Path(ref["path"])

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm_train.errors import UserError
 from ldm_train.pipeline.artifacts import ArtifactError, content_hash, load_autoencoder
 
 log = logging.getLogger(__name__)
 
 
-class LatentStdError(RuntimeError):
+class LatentStdError(UserError, RuntimeError):
     """Scaled latents far from unit variance: training on them would quietly fail."""
 
 

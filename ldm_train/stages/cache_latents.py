@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm_train.commands import suggest_command
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, summarize
@@ -104,8 +105,9 @@ def run(cfg: DictConfig) -> dict:
 
     atomic_write_dir(out, write)
     n_train, n_val = (len(list(out.glob(f"{s}-*.tar"))) for s in ("train", "val"))
-    log.info("wrote latent cache %s; train stage 2 on it with:\n  python -m ldm_train stage=diffusion f=%s "
-             "regularizer=%s data=latents 'data.urls=\"%s/train-{000000..%06d}.tar\"' "
-             "'data.val_urls=\"%s/val-{000000..%06d}.tar\"'", out, cfg.f, cfg.regularizer.name, out, n_train - 1,
-             out, n_val - 1)
+    urls = f"{out}/train-{{000000..{n_train - 1:06d}}}.tar"
+    val_urls = f"{out}/val-{{000000..{n_val - 1:06d}}}.tar"
+    log.info("wrote latent cache %s; train stage 2 on it with:\n  %s", out,
+             suggest_command("stage=diffusion", f"f={cfg.f}", f"regularizer={cfg.regularizer.name}", "data=latents",
+                             f'data.urls="{urls}"', f'data.val_urls="{val_urls}"'))
     return {"out": str(out), "train": counts["train"], "val": counts["val"]}

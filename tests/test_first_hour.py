@@ -1,0 +1,256 @@
+"""A new user's mistakes: one line `error: …`, exit status 2, no traceback, no empty run folder left behind;
+start-up checks of paths, data sizes and sampler settings; suggested commands that keep the user's overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_train.commands import suggest_command
+from ldm_train.config import ConfigError, validate
+from ldm_train.errors import USER_ERROR_EXIT, UserError
+from tests.conftest import compose_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m ldm_train experiment=smoke <overrides>` launched in `tmp_path`, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ldm_train", "experiment=smoke",
+                           f"paths.artifacts={tmp_path / 'artifacts'}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def image_folder(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((20, 20, 3), 5 * i, np.uint8)).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"image {i}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- one line, exit 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("f=3",), "error: invalid f=3: valid downsampling factors are"),
+    (("stage=sample", "sampler=euler"), "error: unknown sampler sampler='euler'; valid: ddpm, ddim, dpmpp_2m"),
+    (("stage=diffusion",), "error: no autoencoder artifact at"),
+])
+def test_a_mistake_prints_one_line_and_exits_2(tmp_path, overrides, message):
+    result = cli(tmp_path, *overrides)
+    assert result.returncode == USER_ERROR_EXIT, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    # the run folder of a run that failed its checks is gone, and so are the empty folders above it
+    assert not (tmp_path / "outputs").exists(), list((tmp_path / "outputs").rglob("*"))
+
+
+def test_the_train_it_first_command_keeps_the_users_overrides(tmp_path):
+    result = cli(tmp_path, "stage=diffusion", "seed=3")
+    expected = (f"python -m ldm_train stage=autoencoder experiment=smoke paths.artifacts={tmp_path / 'artifacts'} "
+                "seed=3 f=4 regularizer=kl")
+    assert f"train it first with `{expected}`" in result.stderr, result.stderr
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
+    import ldm_train.__main__ as entry
+
+    cfg = compose_cfg(["experiment=smoke", f"paths.run_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+
+    def bug(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(entry, "run", bug)
+    with pytest.raises(KeyError):
+        entry.main.__wrapped__(cfg)
+    assert (tmp_path / "run").is_dir()  # only a failed check's folder is removed
+
+    def mistake(cfg):
+        raise ConfigError("wrong")
+
+    monkeypatch.setattr(entry, "run", mistake)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main.__wrapped__(cfg)
+    assert exit_info.value.code == USER_ERROR_EXIT
+
+
+def test_every_user_error_shares_one_base():
+    from ldm_train.data.health import SkipFractionError
+    from ldm_train.data.latents import CacheError
+    from ldm_train.evaluation.features import FeatureNetworkError
+    from ldm_train.lit.checkpoints import CheckpointError
+    from ldm_train.pipeline.artifacts import ArtifactError
+    from ldm_train.pipeline.first_stage import LatentStdError
+
+    for cls in (ConfigError, SkipFractionError, CacheError, FeatureNetworkError, CheckpointError, ArtifactError,
+                LatentStdError):
+        assert issubclass(cls, UserError), cls
+
+
+def test_a_run_folder_with_results_is_kept(tmp_path, monkeypatch):
+    from ldm_train.__main__ import remove_empty_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "autoencoder" / "kl_f4" / "t1"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "ldm_train.log").write_text("")
+    (run / "checkpoints").mkdir()
+    assert not remove_empty_run_dir(run) and run.is_dir()
+    (run / "checkpoints").rmdir()
+    (tmp_path / "outputs" / "autoencoder" / "kl_f4" / "t0").mkdir()  # an earlier run: the parents stay
+    assert remove_empty_run_dir(run) and not run.exists()
+    assert (tmp_path / "outputs" / "autoencoder" / "kl_f4").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- start-up checks
+
+
+def checked(*overrides: str) -> None:
+    validate(compose_cfg(["experiment=smoke", *overrides]))
+
+
+def test_a_small_folder_is_refused_with_the_fraction_that_fits(tmp_path):
+    folder = image_folder(tmp_path / "imgs", 40)
+    with pytest.raises(ConfigError, match=r"holds 40 images: data.val_fraction=0.02 holds out 1 .*"
+                                          r"Fix: data.val_fraction=0.2 \(8 of 40\)"):
+        checked("data=folder", f"data.root={folder}")
+    checked("data=folder", f"data.root={folder}", "data.val_fraction=0.2")
+    with pytest.raises(ConfigError, match="no such folder"):
+        checked("data=folder", f"data.root={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="needs data.root="):
+        checked("data=folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        checked("data=folder", f"data.root={empty}")
+
+
+def test_sampling_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        checked("stage=sample", "sampler=euler")
+    with pytest.raises(ConfigError, match=r"strength=1.5 is outside \[0, 1\]"):
+        checked("stage=sample", "strength=1.5")
+    with pytest.raises(ConfigError, match="init_image=.*no such file"):
+        checked("stage=sample", f"init_image={tmp_path / 'x.png'}")
+    with pytest.raises(ConfigError, match="unknown sampler diffusion.val_sampler"):
+        checked("stage=diffusion", "diffusion.val_sampler=euler")
+
+
+def test_shards_must_exist_and_feed_every_reader(tmp_path):
+    urls = f"'{tmp_path}/train-{{000000..000001}}.tar'"
+    with pytest.raises(ConfigError, match=r"2 of 2 shards do not exist"):
+        checked("data=webdataset", f"data.urls={urls}")
+    for i in range(2):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"2 shard\(s\) for 1 rank\(s\) × 3 worker\(s\) = 3 readers.*"
+                                          r"data.num_workers=2, or write smaller shards \(python -m "
+                                          r"ldm_train.data.make_shards --shard-size"):
+        checked("data=webdataset", f"data.urls={urls}", "data.num_workers=3")
+    checked("data=webdataset", f"data.urls={urls}", "data.num_workers=2")
+
+
+def test_latent_cache_shards_name_the_cache_option(tmp_path, smoke_autoencoder):
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"cache.shard_size="):
+        checked("stage=diffusion", "data=latents", f"data.urls={tmp_path}/train-000000.tar", "data.num_workers=2",
+                f"autoencoder.path={smoke_autoencoder['artifact']}")
+
+
+# ---------------------------------------------------------------------------------------------- suggested commands
+
+
+def test_suggested_commands_repeat_the_users_overrides():
+    typed = ["experiment=smoke", "stage=sample", "prompt=[a,b]", "f=8", "ckpt_path=last", "data=folder",
+             "data.root=/my images"]
+    # a stage switch drops the keys only the other stage has (prompt), and ckpt_path; quoting survives the shell
+    assert suggest_command("stage=autoencoder", "f=4", overrides=typed) == (
+        "python -m ldm_train stage=autoencoder experiment=smoke data=folder 'data.root=/my images' f=4")
+    # choosing another data group drops the keys of the old one
+    assert suggest_command("stage=diffusion", "data=latents", "data.urls=x.tar", overrides=typed) == (
+        "python -m ldm_train stage=diffusion experiment=smoke f=8 data=latents data.urls=x.tar")
+    assert suggest_command("ckpt_path=last", overrides=["experiment=smoke", "stage=diffusion", "ckpt_path=a.ckpt"]) \
+        == "python -m ldm_train stage=diffusion experiment=smoke ckpt_path=last"
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def test_the_progress_bar_counts_the_steps_the_user_asked_for(caplog, monkeypatch):
+    """Stage 1: Lightning counts 2 optimizer steps a batch; the bar shows batches out of autoencoder.max_steps, the
+    reconstruction loss, and one log line projects the stage's time from the steps after the first."""
+    from types import SimpleNamespace
+
+    from ldm_train.lit import progress
+
+    clock = iter(range(100))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 2.0 * next(clock))  # 2 s per step
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, progress_bar_metrics={"bar/rec": 0.125})
+    bar = progress.StepProgress("stage 1", max_steps=50, steps_per_batch=2, refresh_every=5)
+    bar.on_train_start(trainer, None)
+    with caplog.at_level("INFO"):
+        for _ in range(12):
+            trainer.global_step += 2
+            bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert (bar._bar.n, bar._bar.total) == (12, 50)
+    text = str(bar._bar)
+    assert text.startswith("step 12/50 · ") and "rec=0.125" in text and "ETA" in text
+    # steps 1 → 11 took 20 s: 2 s/step; 39 steps remain: 78 s
+    assert "stage 1: 2.00 s/step over steps 1–11; projected 1m18s for the remaining 39 of 50 steps" in caplog.text
+    assert "on the CPU" not in caplog.text
+    bar.teardown(trainer, None, "fit")
+
+
+def test_a_days_long_cpu_stage_is_called_out(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ldm_train.lit import progress
+
+    clock = iter(range(100))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 5.0 * next(clock))  # 5 s per step
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, progress_bar_metrics={},
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    bar = progress.StepProgress("stage 1", max_steps=50000, bar=False)
+    with caplog.at_level("INFO"):
+        for _ in range(12):
+            trainer.global_step += 1
+            bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert "stage 1 would train for 69h25m on the CPU. On a CPU try experiment=quickstart" in caplog.text
+
+
+def test_durations_read_as_a_person_would_write_them():
+    from ldm_train.lit.progress import format_duration
+
+    assert [format_duration(s) for s in (12, 245, 6 * 3600 + 12 * 60 + 5)] == ["12s", "4m05s", "6h12m"]
+
+
+def test_logger_tensorboard_needs_its_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with pytest.raises(ConfigError, match="logger=tensorboard needs the tensorboard package: `pip install"):
+        checked("logger=tensorboard")
+
+
+def test_help_says_what_ldm_train_is_and_what_to_try_first(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "ldm_train", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.startswith("ldm_train: train Latent Diffusion Models in two stages")
+    stages = [out.index(f"stage={s} ") for s in ("autoencoder", "cache_latents", "diffusion", "sample")]
+    assert stages == sorted(stages)  # in the order they run
+    assert "experiment=smoke stage=pipeline" in out and "data: folder, latents, shapes, webdataset" in out
+    assert "Powered by Hydra" not in out
