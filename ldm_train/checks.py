@@ -70,22 +70,13 @@ def user_path(path: str) -> Path:
         return Path(path).expanduser().resolve()
 
 
-def sampling_sampler(cfg: DictConfig) -> str | None:
-    """The sampler of the `sampling:` node, or of the older top-level `sampler` key."""
-    sampling = cfg.get("sampling")
-    return sampling.get("sampler") if sampling is not None else cfg.get("sampler")
-
-
 def check_samplers(cfg: DictConfig) -> None:
-    """Every sampler name the run will use is one the framework has."""
+    """The sampler the run will use (`sampling.sampler`: sample, validation, evaluation) is one the framework has."""
     from ldm_train.diffusion.samplers import SAMPLERS
 
-    diffusion = cfg.get("diffusion") or {}
-    named = {"sampling.sampler" if cfg.get("sampling") is not None else "sampler": sampling_sampler(cfg),
-             "diffusion.val_sampler": diffusion.get("val_sampler"), "diffusion.sampler": diffusion.get("sampler")}
-    for key, value in named.items():
-        if value is not None and value not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {key}={value!r}; valid: {', '.join(SAMPLERS)}")
+    value = cfg.sampling.sampler
+    if value not in SAMPLERS:
+        raise ConfigError(f"unknown sampler sampling.sampler={value!r}; valid: {', '.join(SAMPLERS)}")
 
 
 def check_img2img(cfg: DictConfig) -> None:
