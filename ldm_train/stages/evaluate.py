@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -109,11 +110,13 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
     if shapes:
         from ldm_train.data.shapes import caption_alignment, captions_to_labels
     fd = frechet(features) if features else None
-    hits, n, grid = 0.0, 0, None
+    hits, n, grid, seconds = 0.0, 0, None, 0.0
     for i, batch in enumerate(real_set(cfg, config["resolution"], cfg.eval.num_samples)):
         captions = list(batch["caption"])
         labels = captions_to_labels(captions) if pipe.text_encoder.needs_labels else None
+        start = time.perf_counter()
         images = pipe.generate(captions, **{**cfg.sampling, "seed": cfg.sampling.seed + i}, labels=labels)
+        seconds += time.perf_counter() - start
         if fd is not None:
             fd.update(unit(batch["image"]), real=True)
             fd.update(unit(images), real=False)
@@ -125,7 +128,8 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
             grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
                              scale=max(1, 64 // config["resolution"]))
     metrics = {"eval_samples": n, "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
-               "eval_guidance_scale": float(cfg.sampling.guidance_scale)}
+               "eval_guidance_scale": float(cfg.sampling.guidance_scale),
+               "eval_samples_per_second": n / seconds if seconds > 0 else None}  # sampler + decoder, this device
     if fd is not None:
         metrics[features.fid_key] = float(fd.compute())
     if shapes:
