@@ -194,5 +194,30 @@ def test_sweep_expansion_and_group_name(tmp_path):
     jobs, swept = expand_jobs(["stage=pipeline", "f=4,8", "regularizer=kl,vq"])
     assert swept == ["f", "regularizer"] and len(jobs) == 4
     assert jobs[1] == ["stage=pipeline", "f=4", "regularizer=vq"]
-    name = group_name(["stage=pipeline", "f=4,8", "paths.artifacts=/x"], ["f"], tmp_path / "2026-11-30_01-00-00")
+    name = group_name(["stage=pipeline", "f=4,8", "paths.artifacts=/x", "diffusion.lr=1"], ["f"],
+                      tmp_path / "2026-11-30_01-00-00")
     assert name == "f=4,8 stage=pipeline @2026-11-30_01-00-00"
+
+
+def test_wandb_runs_named_grouped_and_summarised(compose_cfg, tmp_path, monkeypatch):
+    import wandb
+
+    from ldm_train.lit.trainer import build_logger, finish_logger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(["experiment=smoke", "logger=wandb", "logger.mode=offline", "logger.group=sweep_x", "f=8",
+                       f"paths.run_dir={tmp_path}"])
+    logger = build_logger(cfg, "evaluate")
+    run = logger.experiment
+    assert (run.name, run.group, run.job_type) == ("kl_f8-evaluate", "sweep_x", "evaluate")
+    assert run.config["f"] == 8 and run.config["regularizer"]["name"] == "kl"
+    seen, real_finish = {}, wandb.finish
+
+    def finish(*args, **kwargs):  # look at the summary just before the run closes
+        seen.update(dict(wandb.run.summary))
+        real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", finish)
+    finish_logger({"recon_psnr": 30.5, "nested": {"skipped": 1}})
+    assert wandb.run is None  # closed: the next stage of a pipeline opens its own run
+    assert seen["recon_psnr"] == 30.5 and "nested" not in seen

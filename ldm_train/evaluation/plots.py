@@ -23,7 +23,7 @@ Series = list[tuple[float, float, float | None]]
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list]:
-    cols = min(n, 3)
+    cols = 2 if n == 4 else min(n, 3)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()

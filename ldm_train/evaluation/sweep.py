@@ -36,18 +36,17 @@ def expand_jobs(task_overrides: list[str]) -> tuple[list[list[str]], list[str]]:
 
 
 def group_name(task_overrides: list[str], swept: list[str], sweep_dir: Path) -> str:
-    """The wandb group: the swept overrides as typed (`f=4,8,16`), then the fixed ones, then the sweep folder's
-    name (its time stamp keeps reruns apart); cut to wandb's 128 characters."""
+    """The wandb group: the swept overrides as typed (`f=4,8,16`), the experiment and stage when given, then the
+    sweep folder's name (its time stamp keeps reruns apart); cut to wandb's 128 characters."""
     keyed = {o.split("=", 1)[0].lstrip("+~"): o for o in task_overrides}
-    first = [keyed[k] for k in swept if k in keyed]
-    rest = [o for k, o in keyed.items() if k not in swept and not k.startswith(("hydra.", "paths."))]
-    name = " ".join(first + rest)
+    name = " ".join(keyed[k] for k in [*swept, "experiment", "stage"] if k in keyed)
     stamp = f" @{Path(sweep_dir).name}"
     return name[:WANDB_GROUP_MAX - len(stamp)] + stamp if name else Path(sweep_dir).name
 
 
-def validate_jobs(master: DictConfig, jobs: list[list[str]]) -> None:
-    """Compose every job's config and run the start-up checks on it; one ConfigError naming every bad job."""
+def validate_jobs(master: DictConfig, jobs: list[list[str]], swept: list[str]) -> None:
+    """Compose every job's config and run the start-up checks on it; one ConfigError naming every bad job by its
+    swept values."""
     from hydra.core.global_hydra import GlobalHydra
 
     from ldm_train.config import validate
@@ -58,7 +57,8 @@ def validate_jobs(master: DictConfig, jobs: list[list[str]]) -> None:
         try:
             validate(loader.load_sweep_config(master, list(overrides)))
         except Exception as e:  # noqa: BLE001 - a bad value surfaces as ConfigError or as a Hydra composition error
-            errors.append(f"  job {num} ({' '.join(overrides)}): {e}")
+            label = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
+            errors.append(f"  job {num} ({label or ' '.join(overrides)}): {e}")
     if errors:
         raise ConfigError(f"{len(errors)} of {len(jobs)} sweep job(s) have a bad config; nothing was run. Fix or "
                           "drop these values and start the sweep again:\n" + "\n".join(errors))
@@ -98,7 +98,10 @@ class AblationReportCallback(Callback):
         except Exception as e:  # noqa: BLE001 - another sweeper's syntax: its own launcher reports
             log.info("sweep not expanded (%s): jobs are checked as they start", e)
             return
-        validate_jobs(config, jobs)
+        try:
+            validate_jobs(config, jobs, swept)
+        except ConfigError as e:  # Hydra turns a callback's exception into a warning and goes on: stop here
+            raise SystemExit(f"error: {e}") from None
         atomic_write_json(sweep / SWEEP_FILE, {"group": group_name(task, swept, sweep), "swept": swept,
                                                "jobs": jobs})
         log.info("all %d sweep job(s) passed the config checks", len(jobs))
