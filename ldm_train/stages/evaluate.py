@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.evaluation.features import FeatureNetwork, resolve_features
-from ldm_train.evaluation.metrics import frechet, reconstruction_metrics, unit
+from ldm_train.evaluation.metrics import reconstruction_metrics
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder, stage1_command
 from ldm_train.utils.images import save_grid
 from ldm_train.utils.io import atomic_write_json
@@ -26,6 +25,7 @@ from ldm_train.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 TARGETS = ("auto", "autoencoder", "diffusion", "both")
+SEED_STRIDE = 1000  # eval.seeds repeat r samples batch i with seed sampling.seed + i + 1000·r
 
 
 def shapes_features_path(cfg: DictConfig) -> Path:
@@ -107,34 +107,30 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
     pipe = LatentDiffusionPipeline.from_artifact(diffusion_dir(cfg))
     config = pipe.config
     shapes = config.get("data") == "shapes"
-    if shapes:
-        from ldm_train.data.shapes import caption_alignment, captions_to_labels
-    fd = frechet(features) if features else None
-    hits, n, grid, seconds = 0.0, 0, None, 0.0
-    for i, batch in enumerate(real_set(cfg, config["resolution"], cfg.eval.num_samples)):
-        captions = list(batch["caption"])
+    from ldm_train.data.shapes import caption_alignment, captions_to_labels
+    from ldm_train.evaluation.generation import generation_metrics, over_seeds
+
+    real = real_set(cfg, config["resolution"], cfg.eval.num_samples)
+    grid: list[Path] = []
+
+    def generate(captions: list[str], i: int, repeat: int) -> torch.Tensor:
         labels = captions_to_labels(captions) if pipe.text_encoder.needs_labels else None
-        start = time.perf_counter()
-        images = pipe.generate(captions, **{**cfg.sampling, "seed": cfg.sampling.seed + i}, labels=labels)
-        seconds += time.perf_counter() - start
-        if fd is not None:
-            fd.update(unit(batch["image"]), real=True)
-            fd.update(unit(images), real=False)
-        if shapes:
-            hits += caption_alignment(images, captions) * len(images)
-        n += len(images)
-        if grid is None:
+        seed = cfg.sampling.seed + i + SEED_STRIDE * repeat  # repeat 0: the seeds of a single evaluation
+        images = pipe.generate(captions, **{**cfg.sampling, "seed": seed}, labels=labels)
+        if not grid:
             k = min(8, len(images))
-            grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
-                             scale=max(1, 64 // config["resolution"]))
-    metrics = {"eval_samples": n, "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
+            grid.append(save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1,
+                                  captions=captions[:k], scale=max(1, 64 // config["resolution"])))
+        return images
+
+    runs = [generation_metrics(lambda c, i, r=r: generate(c, i, r), real, features,
+                               caption_alignment if shapes else None) for r in range(int(cfg.eval.get("seeds", 1)))]
+    gen = over_seeds(runs)  # mean, and <key>_std over the repeats when eval.seeds > 1
+    metrics = {"eval_samples": int(gen.pop("samples")), "eval_seeds": int(gen.pop("seeds")),
+               "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
                "eval_guidance_scale": float(cfg.sampling.guidance_scale),
-               "eval_samples_per_second": n / seconds if seconds > 0 else None}  # sampler + decoder, this device
-    if fd is not None:
-        metrics[features.fid_key] = float(fd.compute())
-    if shapes:
-        metrics["caption_alignment"] = hits / max(n, 1)
-    return metrics, grid
+               **{f"eval_{k}" if k.startswith("samples_per_second") else k: v for k, v in gen.items()}}
+    return metrics, grid[0]
 
 
 def run(cfg: DictConfig, only: list[str] | None = None) -> dict:
