@@ -181,7 +181,7 @@ def figures(sweep: Path, rows: list[dict]) -> dict[str, Path]:
     points = {k: v for k, v in points.items() if v}
     if points:
         sampling = next((r["config"].get("sampling") for r in rows if r["config"].get("sampling")), None) or {}
-        sampler = f"{sampling.get('sampler')} {sampling.get('steps')} steps" if sampling else ""
+        sampler = ", ".join(f"{k} {sampling[k]}" for k in ("sampler", "steps", "guidance_scale") if k in sampling)
         out["speed"] = plots.save_figure(plots.speed_figure(points, sampler), sweep / "ablation_speed.png")
     _, _, ae = table(rows, AUTOENCODER)
     if ae:

@@ -22,7 +22,7 @@ from ldm_train.utils.io import atomic_write_bytes
 Series = list[tuple[float, float, float | None]]
 
 
-def _panels(n: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list]:
+def _panels(n: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list]:
     cols = 2 if n == 4 else min(n, 3)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
@@ -49,7 +49,7 @@ def curves_figure(curves: dict[str, dict[str, Series]], samples: int | None = No
         ax.set_xlabel("stage-2 training step (optimizer steps)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric_info(metric).label("\n"))
-        ax.set_title(f"{metric} of the EMA model" + (f" ({samples} samples)" if samples else ""))
+        ax.set_title(f"EMA model, {samples} samples" if samples else "EMA model", fontsize="medium")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     return fig
@@ -67,9 +67,9 @@ def speed_figure(points: dict[str, dict[str, tuple[float, float, float | None]]]
         if speeds and min(speeds) > 0 and max(speeds) / min(speeds) > 4:
             ax.set_xscale("log")
         ax.margins(x=0.2, y=0.15)  # room for the point labels
-        ax.set_xlabel("sampling throughput (samples/s" + (f", {sampler}" if sampler else "") + "), → faster")
+        ax.set_xlabel("sampling throughput (samples/s), → faster" + (f"\n{sampler}" if sampler else ""))
         ax.set_ylabel(metric_info(metric).label("\n"))
-        ax.set_title(f"{metric} against sampling speed")
+        ax.set_title("final EMA model", fontsize="medium")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     return fig
