@@ -1,88 +1,202 @@
-"""The ablation report: table and plots from job folders, a real `-m` pipeline sweep, the wandb summary run."""
+"""The ablation report: generation metrics over a fixed set, quality curves during training, figures with labelled
+axes, rows of failed and never-run jobs, the wandb summary run (offline)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+import statistics
+from types import SimpleNamespace
 
+import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch import nn
 
-from ldm_train.evaluation.ablation import collect, table, write_report
+from ldm_train.evaluation import plots
+from ldm_train.evaluation.ablation import AUTOENCODER, GENERATION, collect, table, write_report
+from ldm_train.evaluation.generation import generation_metrics, over_seeds
+from ldm_train.evaluation.metric_info import metric_info
+from ldm_train.evaluation.quality import QualityMonitor, read_quality
+from ldm_train.evaluation.sweep import expand_jobs, group_name, record_failure, upload_command
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def fake_job(sweep: Path, name: str, f: int, reg: str, metrics: dict | None) -> None:
-    (sweep / name / ".hydra").mkdir(parents=True)
-    cfg = {"f": f, "stage": "pipeline", "regularizer": {"name": reg}, "logger": {"name": "wandb", "project": "t",
-                                                                                  "mode": "offline"}}
-    OmegaConf.save(OmegaConf.create(cfg), sweep / name / ".hydra" / "config.yaml")
+def fake_job(sweep, num: int, overrides: list[str], metrics: dict | None, quality: list[dict] = (),
+             logger: str = "none") -> None:
+    values = dict(o.split("=", 1) for o in overrides)
+    f = int(values.get("f", 4))
+    folder = sweep / f"{num}_pipeline_kl_f{f}"
+    (folder / ".hydra").mkdir(parents=True)
+    cfg = {"f": f, "stage": "pipeline", "regularizer": {"name": "kl"}, "prompt": ["a red circle", "a blue square"],
+           "sampling": {"sampler": "ddim", "steps": 4}, "logger": {"name": logger, "project": "t", "mode": "offline"}}
+    OmegaConf.save(OmegaConf.create(cfg), folder / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
     if metrics is not None:
-        (sweep / name / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    if quality:
+        (folder / "quality.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quality))
+    (folder / "samples").mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (60 * i, 100, 200)).save(folder / "samples" / f"{i:02d}_prompt_{i}_0.png")
 
 
-def test_report_rows_columns_and_names(tmp_path):
-    fake_job(tmp_path, "1_pipeline_kl_f8", 8, "kl", {"recon_psnr": 28.5, "recon_lpips_randalex": 0.02,
-                                                      "fd_shapes": 40.0, "caption_alignment": 0.9,
-                                                      "diffusion_ms_per_step": 120.0})
-    fake_job(tmp_path, "0_pipeline_kl_f4", 4, "kl", {"recon_psnr": 33.0, "recon_lpips_randalex": 0.01,
-                                                      "fd_shapes": 55.0, "caption_alignment": 0.8,
-                                                      "diffusion_ms_per_step": 300.0})
-    fake_job(tmp_path, "2_pipeline_vq_f4", 4, "vq", None)  # failed job: counted, not hidden
-    rows, skipped = collect(tmp_path)
-    assert [r["f"] for r in rows] == [4, 8] and skipped == ["2_pipeline_vq_f4"]
-    header, cells, series = table(rows)
-    assert "generation FID variant [fd_shapes]" in header and "LPIPS variant [recon_lpips_randalex]" in header
-    assert not any("[fid]" in h or "[recon_lpips]" in h for h in header)
-    col = header.index("recon PSNR (dB) [recon_psnr]")
-    assert [c[col] for c in cells] == ["33", "28.5"] and cells[0][header.index("rFID variant")] == "—"
-    assert series["stage-2 ms/step"] == {"kl": [(4, 300.0), (8, 120.0)]}
+def three_jobs(sweep) -> None:
+    """f=4 and f=8 finished (with curves), f=16 failed; sweep.json plans a fourth job that never started."""
+    jobs = [["stage=pipeline", f"f={f}"] for f in (4, 8, 16, 32)]
+    (sweep / "sweep.json").write_text(json.dumps({"group": "f=4,8,16,32 @x", "swept": ["f"], "jobs": jobs}))
+    for num, (f, fd) in enumerate([(4, 55.0), (8, 40.0)]):
+        fake_job(sweep, num, jobs[num], {"recon_psnr": 33.0 - f, "recon_ssim": 0.9, "recon_lpips_randalex": 0.01,
+                                         "rfd_shapes": 3.0 * f, "fd_shapes": fd, "fd_shapes_std": 2.0,
+                                         "caption_alignment": 0.9, "eval_samples_per_second": 10.0 * f,
+                                         "diffusion_ms_per_step": 300.0 / f},
+                 [{"step": s, "fd_shapes": fd + 100 / s, "caption_alignment": 0.5, "samples": 8} for s in (2, 4)])
+    fake_job(sweep, 2, jobs[2], None)
+    record_failure(sweep / "2_pipeline_kl_f16", ValueError("latent health check failed: std 40\nsecond line"))
 
-    out = write_report(tmp_path, wandb_summary=False)
-    text = out.read_text()
-    assert text.count("| 4 | kl |") == 1 and text.count("| 8 | kl |") == 1 and "2_pipeline_vq_f4" in text
-    plots = sorted(tmp_path.glob("ablation_*.png"))
-    assert len(plots) == len(series) and Image.open(plots[0]).size == (480, 320)
-    assert all(f"({p.name})" in text for p in plots)
+
+def test_generation_metrics_loop(shapes_features):
+    from ldm_train.data.shapes import ShapesDataset, caption_alignment
+    from ldm_train.evaluation.features import load_shapes_features
+    from ldm_train.evaluation.metrics import generation_fd
+
+    features = load_shapes_features(shapes_features["path"], train_if_missing=False)
+    ds = ShapesDataset(32, 24, "test", seed=5)
+    items = [ds[i] for i in range(24)]
+    real = [{"image": torch.stack([x["image"] for x in items[i:i + 12]]),
+             "caption": [x["caption"] for x in items[i:i + 12]]} for i in (0, 12)]
+    other = ShapesDataset(32, 24, "val", seed=6)
+    fake = [torch.stack([other[i]["image"] for i in range(j, j + 12)]) for j in (0, 12)]
+    calls = []
+
+    def gen(captions, i):
+        calls.append((list(captions), i))
+        return fake[i]
+
+    out = generation_metrics(gen, real, features, caption_alignment)
+    assert calls == [(b["caption"], i) for i, b in enumerate(real)]  # the fixed captions, batch index = seed offset
+    assert out["samples"] == 24 and out["samples_per_second"] > 0
+    assert out["fd_shapes"] == pytest.approx(generation_fd([b["image"] for b in real], fake, features), rel=1e-6)
+    expected = sum(caption_alignment(fake[i], real[i]["caption"]) for i in range(2)) / 2  # equal batch sizes
+    assert out["caption_alignment"] == pytest.approx(expected)
+    assert "fid" not in out  # a substituted feature network never earns the published name
+
+
+def test_over_seeds_mean_and_sample_std():
+    runs = [{"fd_shapes": 10.0, "samples": 8}, {"fd_shapes": 14.0, "samples": 8}, {"fd_shapes": 9.0, "samples": 8}]
+    out = over_seeds(runs)
+    assert out["fd_shapes"] == pytest.approx(11.0) and out["seeds"] == 3 and out["samples"] == 8
+    assert out["fd_shapes_std"] == pytest.approx(statistics.stdev([10.0, 14.0, 9.0]))
+    assert "samples_std" not in out and "fd_shapes_std" not in over_seeds(runs[:1])
+
+
+def test_metric_directions_and_units():
+    assert metric_info("fd_shapes").label() == "fd_shapes, ↓ lower is better"
+    assert metric_info("recon_psnr").label("\n") == "recon_psnr (dB)\n↑ higher is better"
+    assert metric_info("caption_alignment_cfg").higher_is_better and not metric_info("rfd_shapes").higher_is_better
+    assert metric_info("eval_samples_per_second").unit == "samples/s"
+    assert metric_info("something_new").higher_is_better is None  # no direction is guessed
+
+
+def test_quality_monitor_logs_every_n_steps_and_at_the_end(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    denoiser, text = nn.Linear(2, 2), nn.Linear(2, 2)
+    seen_modes = []
+
+    def evaluate(pipe):
+        seen_modes.append((pipe.denoiser.training, pipe.text_encoder.training))
+        return {"fd_shapes": 100.0 / trainer.global_step, "caption_alignment": 0.1 * trainer.global_step}
+
+    logger = CSVLogger(tmp_path, name="csv", version="diffusion")
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[logger])
+    module = SimpleNamespace(ema_pipeline=lambda: SimpleNamespace(denoiser=denoiser, text_encoder=text))
+    monitor = QualityMonitor(2, evaluate, tmp_path / "quality.jsonl")
+    for step in range(1, 6):
+        trainer.global_step = step
+        monitor.on_train_batch_end(trainer, module, None, None, step)
+    monitor.on_train_end(trainer, module)
+    logger.save()
+    records, bad = read_quality(tmp_path / "quality.jsonl")
+    assert bad == 0 and [r["step"] for r in records] == [2, 4, 5]
+    assert records[-1]["fd_shapes"] == pytest.approx(20.0)
+    assert seen_modes == [(False, False)] * 3 and denoiser.training and text.training  # eval mode, then restored
+    rows = (tmp_path / "csv" / "diffusion" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in rows[1:]]
+    assert "eval/fd_shapes" in header and "eval/caption_alignment" in header and steps == [2, 4, 5]
+
+
+def test_figures_label_axes_with_honest_names_and_directions(tmp_path):
+    curves = {"fd_shapes": {"f=4": [(2, 50.0, None), (4, 40.0, None)], "f=8": [(2, 60.0, None), (4, 55.0, None)]}}
+    fig = plots.curves_figure(curves, samples=64)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "stage-2 training step (optimizer steps)"
+    assert ax.get_ylabel() == "fd_shapes\n↓ lower is better"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["f=4", "f=8"]
+    assert list(ax.lines[0].get_xdata()) == [2, 4] and list(ax.lines[1].get_ydata()) == [60.0, 55.0]
+
+    fig = plots.speed_figure({"caption_alignment": {"f=4": (10.0, 0.9, 0.02), "f=8": (30.0, 0.7, None)}}, "ddim 50")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "sampling throughput (samples/s), → faster\nddim 50"
+    assert ax.get_ylabel() == "caption_alignment (fraction of samples)\n↑ higher is better"
+
+    fig = plots.bars_figure({"recon_psnr": {"f=4": (33.0, None), "f=8": (29.0, None)}}, "autoencoder")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["f=4", "f=8"] and "(dB)" in ax.get_ylabel()
+    assert [round(b.get_height(), 3) for b in ax.patches] == [33.0, 29.0]
+    path = plots.save_figure(fig, tmp_path / "bars.png")
+    assert Image.open(path).format == "PNG" and path.stat().st_size > 5000
+
+
+def test_report_rows_failed_and_never_run_jobs(tmp_path):
+    three_jobs(tmp_path)
+    rows = collect(tmp_path)
+    assert [(r["label"], r["status"]) for r in rows] == [("f=4", "ok"), ("f=8", "ok"), ("f=16", "failed"),
+                                                         ("f=32", "not run")]
+    assert rows[2]["reason"] == "ValueError: latent health check failed: std 40"
+    header, cells, _ = table(rows, GENERATION)
+    assert header[1] == "FD [fd_shapes]" and cells[0][1] == "55 ± 2" and cells[2][1] == "—"
+    header, _, values = table(rows, AUTOENCODER)
+    assert "LPIPS variant [recon_lpips_randalex]" in header and not any("[fid]" in h or "[rfid]" in h for h in header)
+    assert values["recon_psnr"] == {"f=4": (29.0, None), "f=8": (25.0, None)}
+
+    text = write_report(tmp_path, wandb_summary=False).read_text()
+    assert "# Ablation: f=4,8,16,32 @x" in text
+    assert "| f=16 | failed: ValueError: latent health check failed: std 40 | 2_pipeline_kl_f16 |" in text
+    assert "| f=32 | not run: the sweep stopped before this job |" in text
+    for name in ("curves", "speed", "autoencoder", "samples"):
+        png = tmp_path / f"ablation_{name}.png"
+        assert f"(ablation_{name}.png)" in text and png.stat().st_size > 5000 and Image.open(png).format == "PNG"
 
 
 def test_report_to_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    fake_job(tmp_path, "0_pipeline_kl_f4", 4, "kl", {"recon_psnr": 33.0, "fd_shapes": 55.0})
-    fake_job(tmp_path, "1_pipeline_kl_f8", 8, "kl", {"recon_psnr": 28.5, "fd_shapes": 40.0})
-    write_report(tmp_path)  # the jobs used logger=wandb (offline): a summary run of the sweep's group
+    three_jobs(tmp_path)
+    for cfg_path in tmp_path.glob("*/.hydra/config.yaml"):  # these jobs used logger=wandb (offline)
+        cfg = OmegaConf.load(cfg_path)
+        cfg.logger.name = "wandb"
+        OmegaConf.save(cfg, cfg_path)
+    write_report(tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    tables = list(runs[0].glob("files/media/table/ablation/table_*.table.json"))
-    data = json.loads(tables[0].read_text())
-    assert [row[:2] for row in data["data"]] == [["4", "kl"], ["8", "kl"]]
-    assert len(list(runs[0].glob("files/media/images/ablation/*.png"))) == 2  # recon PSNR and fd_shapes vs f
+    media = runs[0] / "files" / "media"
+    table_file = next(media.glob("table/ablation/table/generation_*.table.json"))
+    data = json.loads(table_file.read_text())
+    assert data["columns"][1] == "FD [fd_shapes]" and [row[0] for row in data["data"]] == ["f=4", "f=8", "f=16",
+                                                                                          "f=32"]
+    assert len(list(media.glob("table/ablation/table/*.table.json"))) == 3  # jobs, autoencoder, generation
+    curve = next(media.glob("table/ablation/curve/fd_shapes_table_*.table.json"))  # the native line plot's data
+    assert json.loads(curve.read_text())["data"] == [[2, "f=4", 105.0], [4, "f=4", 80.0], [2, "f=8", 90.0],
+                                                     [4, "f=8", 65.0]]
+    assert len(list(media.glob("images/ablation/figure/*.png"))) == 4
+    assert upload_command(tmp_path) == f"wandb sync {tmp_path}/wandb/offline-run-*"
 
 
-def test_multirun_pipeline_writes_ablation_report(tmp_path, shapes_features):
-    """A real `-m` sweep over f=4,8 (tiny pipeline jobs); the Hydra callback writes the report at the end."""
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "ldm_train", "-m", "experiment=smoke", "stage=pipeline", "f=4,8",
-           "autoencoder.max_steps=2", "autoencoder.val_every=2", "diffusion.max_steps=2", "diffusion.val_every=2",
-           "diffusion.eval_samples=0", "n_per_prompt=1", "prompt=[a red circle on the left]", "sampling.steps=2",
-           "eval.num_samples=4", "eval.batch_size=4", f"eval.features_path={shapes_features['path']}",
-           f"paths.artifacts={tmp_path}/artifacts", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for job in ("0_pipeline_kl_f4", "1_pipeline_kl_f8"):
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
-        assert {"recon_psnr", "rfd_shapes", "fd_shapes", "caption_alignment"} <= set(metrics)
-    text = (sweep / "ablation.md").read_text()
-    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "kl" in line] \
-        == ["4", "8"]
-    assert len(list(sweep.glob("ablation_*.png"))) >= 6
-
-    (sweep / "ablation.md").unlink()  # on demand, from the job folders alone
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation_report.py"), str(sweep)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (sweep / "ablation.md").read_text() == text
+def test_sweep_expansion_and_group_name(tmp_path):
+    jobs, swept = expand_jobs(["stage=pipeline", "f=4,8", "regularizer=kl,vq"])
+    assert swept == ["f", "regularizer"] and len(jobs) == 4
+    assert jobs[1] == ["stage=pipeline", "f=4", "regularizer=vq"]
+    name = group_name(["stage=pipeline", "f=4,8", "paths.artifacts=/x", "diffusion.lr=1"], ["f"],
+                      tmp_path / "2026-11-30_01-00-00")
+    assert name == "f=4,8 stage=pipeline @2026-11-30_01-00-00"
 
 
 def test_wandb_runs_named_grouped_and_summarised(compose_cfg, tmp_path, monkeypatch):

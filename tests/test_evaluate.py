@@ -17,7 +17,8 @@ from ldm_train.evaluation.features import (
     metric_names,
     resolve_features,
 )
-from ldm_train.evaluation.metrics import generation_metrics, unit
+from ldm_train.evaluation.generation import generation_metrics
+from ldm_train.evaluation.metrics import unit
 
 PUBLISHED = {"fid", "rfid", "lpips", "recon_lpips"}
 
@@ -38,9 +39,9 @@ def fd_of(real: torch.Tensor, fake: torch.Tensor, features, batch: int = 100) ->
     real_batches = [{"image": real[i:i + batch], "caption": ["c"] * len(real[i:i + batch])}
                     for i in range(0, len(real), batch)]
     starts = iter(range(0, len(fake), batch))
-    metrics, _ = generation_metrics(lambda captions, seed: fake[(j := next(starts)):j + len(captions)],
-                                    real_batches, features)
-    assert metrics["eval_samples"] == len(fake)
+    metrics = generation_metrics(lambda captions, i: fake[(j := next(starts)):j + len(captions)],
+                                 real_batches, features)
+    assert metrics["samples"] == len(fake)
     return metrics[features.fid_key]
 
 
@@ -65,21 +66,20 @@ def test_frechet_distance_separates_real_from_blurred(shapes_features):
     assert fd_of(real, other_real, features) < 0.5 * fd_of(real, blurred, features)
 
 
-def test_generation_metrics_seeds_captions_and_alignment_by_hand():
-    """generate(captions_i, seed + i) per real batch; alignment is the per-image mean over batches of 3 and 1."""
+def test_generation_metrics_batches_captions_and_alignment_by_hand():
+    """generate(captions_i, i) per real batch; alignment is the per-image mean over batches of 3 and 1."""
     calls = []
 
-    def gen(captions, seed):
-        calls.append((captions, seed))
+    def gen(captions, i):
+        calls.append((captions, i))
         return torch.zeros(len(captions), 3, 8, 8)
 
     batches = [{"image": torch.zeros(3, 3, 8, 8), "caption": ["a", "b", "c"]},
                {"image": torch.zeros(1, 3, 8, 8), "caption": ["d"]}]
     fractions = iter([1 / 3, 1.0])  # 1 of 3 images right, then 1 of 1: 2 of 4 in all
-    metrics, first = generation_metrics(gen, batches, None, lambda imgs, caps: next(fractions), seed=7)
-    assert calls == [(["a", "b", "c"], 7), (["d"], 8)]
-    assert metrics == {"eval_samples": 4, "caption_alignment": pytest.approx(0.5)}
-    assert first[1] == ["a", "b", "c"] and first[0].shape == (3, 3, 8, 8)
+    metrics = generation_metrics(gen, batches, None, lambda imgs, caps: next(fractions))
+    assert calls == [(["a", "b", "c"], 0), (["d"], 1)]
+    assert metrics["samples"] == 4 and metrics["caption_alignment"] == pytest.approx(0.5)
 
 
 def test_metric_names_follow_the_feature_network(tmp_path, shapes_features):

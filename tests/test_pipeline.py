@@ -13,7 +13,7 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features
     from ldm_train.__main__ import run
 
     cfg = compose_cfg(["experiment=smoke", "stage=pipeline", "diffusion.eval_samples=4", "n_per_prompt=1",
-                       "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
+                       "eval.seeds=2", "prompt=[a red circle on the left]", f"paths.artifacts={tmp_path}/a",
                        f"paths.run_dir={tmp_path}/r", f"eval.features_path={shapes_features['path']}"])
     out = run(cfg)
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -26,6 +26,9 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features
     assert metrics["recon_psnr"] == ae["evaluation"]["recon_psnr"] and "psnr" in ae  # stage-1 keys kept
     assert {"rfd_shapes", "fd_shapes", "caption_alignment", "recon_lpips_randalex"} <= set(metrics)
     assert metrics["eval_samples"] == 8 and not {"fid", "rfid", "lpips"} & set(metrics)
+    # eval.seeds=2: the generation metrics are means over two sampling seeds, with their spread
+    assert metrics["eval_seeds"] == 2 and metrics["fd_shapes_std"] >= 0 and "caption_alignment_std" in metrics
+    assert metrics["eval_samples_per_second"] > 0
     assert metrics["autoencoder_reused"] is False and metrics["diffusion_ms_per_step"] > 0
     assert Image.open(metrics["grid"]).size[0] > 16
     assert (tmp_path / "a" / "diffusion" / "kl_f4" / "model.safetensors").exists()
@@ -40,6 +43,7 @@ def test_pipeline_writes_metrics_and_grid(compose_cfg, tmp_path, shapes_features
                         f"paths.run_dir={tmp_path}/r2", "eval.features=none", "eval.num_samples=2",
                         "eval.batch_size=2"])
     with caplog.at_level("INFO"):
-        assert run(cfg2)["autoencoder_reused"] is True
+        out2 = run(cfg2)
+    assert out2["autoencoder_reused"] is True and out2["eval_seeds"] == 1 and not any("_std" in k for k in out2)
     assert "reusing stage 1" in caplog.text and "same data (data=shapes (resolution 16))" in caplog.text
     assert (tmp_path / "a" / "autoencoder" / "kl_f4" / "model.safetensors").stat().st_mtime_ns == before

@@ -1,152 +1,233 @@
-"""The f ablation report of a sweep folder: ablation.md (rows f × regularizer), PNG plots against f, wandb.
+"""The ablation report of a sweep folder: ablation.md, its figures, and a wandb summary run.
 
-Every job of a multirun leaves `metrics.json` and `.hydra/config.yaml` in its folder; this module only reads
-them. It runs as a Hydra callback when a multirun ends and as `python scripts/ablation_report.py <sweep dir>`.
+It only reads the job folders: `.hydra/config.yaml` and `.hydra/overrides.yaml`, `metrics.json` (a finished job),
+`failure.json` (a failed one, see `sweep.py`), `quality.jsonl` (stage-2 quality against the step) and
+`samples/*.png` (the same prompts and seeds in every job). Rows are labelled by the swept keys (`f=8`).
+Run by the Hydra callback at the end of a sweep, and by `python -m ldm_train.report <sweep dir>`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from ldm_train.evaluation.quality import QUALITY_FILE, read_quality
+from ldm_train.evaluation.sweep import FAILURE_FILE, read_sweep
 from ldm_train.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# (column title, exact keys in order of preference, prefix of the variants): a cell shows the first key a job has,
-# and the header names the keys found, so a random-feature variant never borrows the published metric's name.
-COLUMNS = [("recon PSNR (dB)", ["recon_psnr", "psnr"], None), ("recon SSIM", ["recon_ssim", "ssim"], None),
-           ("LPIPS variant", ["recon_lpips", "lpips"], ("recon_lpips_", "lpips_")),
-           ("rFID variant", ["rfid"], ("rfd_",)), ("generation FID variant", ["fid"], ("fd_",)),
-           ("caption alignment", ["caption_alignment", "caption_alignment_cfg"], None)]
-TIMES = [("stage-1 train (s)", "autoencoder_train_seconds"), ("stage-1 ms/step", "autoencoder_ms_per_step"),
-         ("stage-2 train (s)", "diffusion_train_seconds"), ("stage-2 ms/step", "diffusion_ms_per_step")]
+# (column title, exact keys in order of preference, prefixes of the variants): a cell shows the first key a job
+# has, and the header names the keys found, so a random-feature variant never borrows the published metric's name.
+AUTOENCODER = [("recon PSNR", ["recon_psnr", "psnr"], None), ("recon SSIM", ["recon_ssim", "ssim"], None),
+               ("LPIPS variant", ["recon_lpips", "lpips"], ("recon_lpips_", "lpips_")),
+               ("rFD", ["rfid"], ("rfd_",))]
+GENERATION = [("FD", ["fid"], ("fd_",)), ("caption alignment", ["caption_alignment", "caption_alignment_cfg"], None),
+              ("sampling throughput", ["eval_samples_per_second"], None)]
+TIMES = [("stage-1 ms/step", "autoencoder_ms_per_step"), ("stage-2 ms/step", "diffusion_ms_per_step"),
+         ("stage-2 train (s)", "diffusion_train_seconds")]
+SAMPLE_COLUMNS = 8  # single sample PNGs per row in the sample figure
 
 
-def collect(sweep: Path) -> tuple[list[dict], list[str]]:
-    """(rows, skipped): one row per job folder holding metrics.json; folders without it are listed, not hidden."""
-    rows, skipped = [], []
-    for job in sorted(p for p in Path(sweep).iterdir() if (p / ".hydra" / "config.yaml").exists()):
-        if not (job / "metrics.json").exists():
-            skipped.append(job.name)  # a failed or unfinished job
-            continue
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        metrics = json.loads((job / "metrics.json").read_text())
-        if cfg.stage in ("autoencoder", "diffusion") and metrics.get("steps"):  # a single-stage sweep
-            metrics.setdefault(f"{cfg.stage}_train_seconds", metrics.get("train_seconds"))
-            metrics.setdefault(f"{cfg.stage}_ms_per_step", 1000 * metrics.get("train_seconds", 0) / metrics["steps"])
-        rows.append({"job": job.name, "f": int(cfg.f), "regularizer": str(cfg.regularizer.name),
-                     "stage": str(cfg.stage), "logger": OmegaConf.to_container(cfg.logger), "metrics": metrics})
-    rows.sort(key=lambda r: (r["regularizer"], r["f"]))
-    return rows, skipped
+def collect(sweep: Path) -> list[dict]:
+    """One row per job of the sweep, in job order: finished, failed (with the reason), unfinished, or never run."""
+    sweep = Path(sweep)
+    info = read_sweep(sweep)
+    folders = {int(p.name.split("_", 1)[0]): p for p in sweep.iterdir()
+               if (p / ".hydra" / "config.yaml").exists() and p.name.split("_", 1)[0].isdigit()}
+    planned = info.get("jobs") or [None] * (max(folders, default=-1) + 1)
+    rows = []
+    for num in sorted(set(range(len(planned))) | set(folders)):
+        folder = folders.get(num)
+        overrides = (list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+                     if folder and (folder / ".hydra" / "overrides.yaml").exists() else planned[num] or [])
+        rows.append({"num": num, "job": folder.name if folder else f"{num} (not started)", "folder": folder,
+                     "overrides": [str(o) for o in overrides], **_job_state(folder)})
+    swept = info.get("swept") or _varying_keys([r["overrides"] for r in rows])
+    for r in rows:
+        values = dict(o.split("=", 1) for o in r["overrides"] if "=" in o)
+        r["label"] = " ".join(f"{k}={values[k]}" for k in swept if k in values) or r["job"]
+    return rows
 
 
-def pick(metrics: dict, keys: list[str], prefixes: tuple[str, ...] | None) -> tuple[str, float] | None:
-    """(key, value) of the first of `keys` present, else of the first key starting with one of `prefixes`."""
-    candidates = keys + sorted(k for k in metrics if prefixes and k.startswith(prefixes))
+def _job_state(folder: Path | None) -> dict:
+    state = {"status": "not run", "reason": "the sweep stopped before this job", "metrics": {}, "quality": [],
+             "config": {}}
+    if folder is None:
+        return state
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    state["config"] = {"f": cfg.get("f"), "regularizer": OmegaConf.select(cfg, "regularizer.name"),
+                       "prompt": OmegaConf.select(cfg, "prompt"), "sampling": OmegaConf.select(cfg, "sampling"),
+                       "logger": OmegaConf.select(cfg, "logger")}
+    state["config"] = OmegaConf.to_container(OmegaConf.create(state["config"]), resolve=False)
+    state["quality"], bad = read_quality(folder / QUALITY_FILE)
+    if bad:
+        log.warning("%s: %d unreadable line(s) in %s skipped", folder.name, bad, QUALITY_FILE)
+    if (folder / "metrics.json").exists():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        if metrics.get("steps") and metrics.get("train_seconds") is not None:  # a single-stage sweep
+            stage = OmegaConf.select(cfg, "stage")
+            metrics.setdefault(f"{stage}_train_seconds", metrics["train_seconds"])
+            metrics.setdefault(f"{stage}_ms_per_step", 1000 * metrics["train_seconds"] / metrics["steps"])
+        return {**state, "status": "ok", "reason": "", "metrics": metrics}
+    if (folder / FAILURE_FILE).exists():
+        failure = json.loads((folder / FAILURE_FILE).read_text())
+        first = (failure.get("message") or "").strip().splitlines()
+        return {**state, "status": "failed", "reason": f"{failure.get('error')}: {first[0] if first else ''}"}
+    return {**state, "status": "unfinished", "reason": "no metrics.json and no failure.json (still running or killed)"}
+
+
+def _varying_keys(override_lists: list[list[str]]) -> list[str]:
+    """The keys whose value differs between jobs (the swept ones, when sweep.json is missing)."""
+    values: dict[str, set] = {}
+    for overrides in override_lists:
+        for o in overrides:
+            if "=" in o:
+                k, v = o.split("=", 1)
+                values.setdefault(k, set()).add(v)
+    return [k for k, v in values.items() if len(v) > 1]
+
+
+def pick(metrics: dict, keys: list[str], prefixes: tuple[str, ...] | None) -> str | None:
+    """The first of `keys` holding a number, else the first key starting with one of `prefixes`."""
+    candidates = keys + sorted(k for k in metrics if prefixes and k.startswith(prefixes) and not k.endswith("_std"))
     for key in candidates:
         if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool):
-            return key, float(metrics[key])
+            return key
     return None
 
 
-def table(rows: list[dict]) -> tuple[list[str], list[list[str]], dict[str, dict]]:
-    """(header, cells, series) where series[column] = {regularizer: [(f, value), ...]} for the plots."""
-    header = ["f", "regularizer"]
-    cells = [[str(r["f"]), r["regularizer"]] for r in rows]
-    series: dict[str, dict] = {}
-    for title, keys, prefix in COLUMNS:
-        found = [pick(r["metrics"], keys, prefix) for r in rows]
-        used = sorted({k for k, _ in filter(None, found)})
-        named = f"{title} [{' / '.join(used)}]" if used and (prefix or len(keys) > 1) else title
-        header.append(named)
-        for cell, hit, r in zip(cells, found, rows):
-            cell.append("—" if hit is None else f"{hit[1]:.4g}" + (f" ({hit[0]})" if len(used) > 1 else ""))
-            if hit is not None:
-                series.setdefault(named, {}).setdefault(r["regularizer"], []).append((r["f"], hit[1]))
-    for title, key in TIMES:
-        header.append(title)
-        for cell, r in zip(cells, rows):
-            value = r["metrics"].get(key)
-            cell.append("—" if value is None else f"{value:.0f}")
-            if value is not None:
-                series.setdefault(title, {}).setdefault(r["regularizer"], []).append((r["f"], float(value)))
-    header.append("job")
-    for cell, r in zip(cells, rows):
-        cell.append(r["job"] + (" (stage 1 reused)" if r["metrics"].get("autoencoder_reused") else ""))
-    return header, cells, series
+def value(metrics: dict, key: str) -> tuple[float, float | None]:
+    """(mean, spread): `<key>_std` is the standard deviation over `eval.seeds` when there were several."""
+    std = metrics.get(f"{key}_std")
+    return float(metrics[key]), (float(std) if isinstance(std, (int, float)) else None)
 
 
-def markdown(sweep: Path, rows: list[dict], skipped: list[str], plots: list[Path], plot_note: str) -> str:
-    header, cells, _ = table(rows)
-    lines = [f"# Ablation over f: {Path(sweep).name}", "",
-             f"{len(rows)} job(s) with metrics" + (f"; {len(skipped)} without metrics.json (failed or unfinished): "
-                                                   f"{', '.join(skipped)}" if skipped else "") + ".",
+def _cell(metrics: dict, key: str | None) -> str:
+    if key is None:
+        return "—"
+    mean, std = value(metrics, key)
+    return f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+
+
+def table(rows: list[dict], columns: list) -> tuple[list[str], list[list[str]], dict[str, dict]]:
+    """(header, cells, values) for `columns`; values[key][label] = (mean, spread) for the figures."""
+    header, cells, values = ["row"], [[r["label"]] for r in rows], {}
+    for title, keys, prefixes in columns:
+        found = [pick(r["metrics"], keys, prefixes) for r in rows]
+        used = sorted({k for k in found if k})
+        header.append(f"{title} [{' / '.join(used)}]" if used else title)
+        for cell, key, r in zip(cells, found, rows):
+            cell.append(_cell(r["metrics"], key) + (f" ({key})" if key and len(used) > 1 else ""))
+            if key:
+                values.setdefault(key, {})[r["label"]] = value(r["metrics"], key)
+    return header, cells, values
+
+
+def _md_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in cells]
+
+
+def markdown(sweep: Path, rows: list[dict], figures: list[Path]) -> str:
+    info = read_sweep(sweep)
+    done = [r for r in rows if r["status"] == "ok"]
+    lines = [f"# Ablation: {info.get('group') or Path(sweep).name}", "",
+             f"{len(rows)} job(s): {len(done)} finished, {len(rows) - len(done)} without results.",
              "Metric names follow the networks used: `fid`/`rfid` only with InceptionV3, `lpips` only with the "
-             "ImageNet backbone; `fd_shapes`, `lpips_rand<net>` are not comparable to published numbers.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
-    lines += ["", plot_note] + [f"![{p.stem}]({p.name})" for p in plots]
+             "ImageNet backbone; `fd_shapes`, `lpips_rand<net>` are not comparable to published numbers. "
+             "± is one standard deviation over `eval.seeds` sampling seeds.", "", "## Jobs", ""]
+    lines += _md_table(["row", "status", "job"], [[r["label"], r["status"] + (f": {r['reason']}" if r["reason"]
+                                                                                 else ""), r["job"]] for r in rows])
+    times = [[r["label"]] + [f"{r['metrics'][k]:.0f}" if isinstance(r["metrics"].get(k), (int, float)) else "—"
+                             for _, k in TIMES] for r in rows]
+    for title, columns, direction in (
+            ("Autoencoder (stage 1)", AUTOENCODER, "PSNR, SSIM ↑ higher is better; LPIPS variant, rFD ↓ lower"),
+            ("Generation (stage 2, final EMA model)", GENERATION, "FD ↓ lower is better; caption alignment, "
+                                                                  "samples/s ↑ higher")):
+        header, cells, _ = table(rows, columns)
+        lines += ["", f"## {title}", "", direction + ".", ""] + _md_table(header, cells)
+    lines += ["", "## Cost", ""] + _md_table(["row"] + [t for t, _ in TIMES], times)
+    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
 
 
-def write_report(sweep: Path, wandb_summary: bool | None = None) -> Path | None:
-    """ablation.md + plots in `sweep`; None when no job has metrics. `wandb_summary=None`: when the jobs used wandb."""
-    from ldm_train.evaluation.plots import plot_series
+def quality_curves(rows: list[dict]) -> dict[str, dict[str, list]]:
+    """curves[metric][label] = [(step, value, None), ...] from the jobs' quality.jsonl (stage-2 training)."""
+    curves: dict[str, dict] = {}
+    for r in rows:
+        for rec in r["quality"]:
+            for key, v in rec.items():
+                if key not in ("step", "samples", "samples_per_second") and isinstance(v, (int, float)):
+                    curves.setdefault(key, {}).setdefault(r["label"], []).append((rec["step"], v, None))
+    return curves
 
-    sweep = Path(sweep)
-    rows, skipped = collect(sweep)
-    if not rows:
-        log.warning("no job in %s has metrics.json (%d without): no ablation report", sweep, len(skipped))
-        return None
-    _, _, series = table(rows)
-    plots = []
-    for title, by_reg in series.items():
-        path = sweep / f"ablation_{_slug(title)}.png"
-        plot_series(title, by_reg, path)
-        plots.append(path)
-    note = f"{len(plots)} plot(s) against f (PIL drawing; matplotlib is not a dependency)."
-    out = sweep / "ablation.md"
-    atomic_write_text(out, markdown(sweep, rows, skipped, plots, note))
-    log.info("ablation report: %s (%d rows, %d plots)", out, len(rows), len(plots))
-    logger = rows[0]["logger"]
-    if wandb_summary or (wandb_summary is None and logger.get("name") == "wandb"):
-        log_to_wandb(sweep, rows, plots, logger)
+
+def figures(sweep: Path, rows: list[dict]) -> dict[str, Path]:
+    """The report's PNGs in the sweep folder (those with data): curves, speed, autoencoder, samples."""
+    from ldm_train.evaluation import plots
+
+    sweep, out = Path(sweep), {}
+    curves = quality_curves(rows)
+    if curves:
+        n = next((rec.get("samples") for r in rows for rec in r["quality"]), None)
+        out["curves"] = plots.save_figure(plots.curves_figure(curves, n), sweep / "ablation_curves.png")
+    _, _, gen = table(rows, GENERATION)
+    speed = gen.pop("eval_samples_per_second", {})
+    points = {k: {label: (speed[label][0], *v) for label, v in by.items() if label in speed} for k, by in gen.items()}
+    points = {k: v for k, v in points.items() if v}
+    if points:
+        sampling = next((r["config"].get("sampling") for r in rows if r["config"].get("sampling")), None) or {}
+        sampler = ", ".join(f"{k} {sampling[k]}" for k in ("sampler", "steps", "guidance_scale") if k in sampling)
+        out["speed"] = plots.save_figure(plots.speed_figure(points, sampler), sweep / "ablation_speed.png")
+    _, _, ae = table(rows, AUTOENCODER)
+    if ae:
+        out["autoencoder"] = plots.save_figure(plots.bars_figure(ae, "autoencoder"), sweep / "ablation_autoencoder.png")
+    samples, titles = sample_rows(rows)
+    if samples:
+        out["samples"] = plots.save_figure(plots.samples_figure(samples, titles), sweep / "ablation_samples.png")
     return out
 
 
-def log_to_wandb(sweep: Path, rows: list[dict], plots: list[Path], logger: dict) -> None:
-    """A summary run in the sweep's wandb group: the table, and the plots as images."""
-    import wandb
-
-    from ldm_train.lit.trainer import wandb_mode
-
-    header, cells, _ = table(rows)
-    run = wandb.init(project=logger.get("project", "ldm_train"), group=logger.get("group") or sweep.name,
-                     job_type="ablation", name=f"ablation-{sweep.name}", dir=str(sweep),
-                     mode=wandb_mode(logger.get("mode", "auto")), reinit="finish_previous",
-                     config={"jobs": [r["job"] for r in rows]})
-    run.log({"ablation/table": wandb.Table(columns=header, data=cells),
-             **{f"ablation/{p.stem}": wandb.Image(str(p)) for p in plots}})
-    run.finish()
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48]
+def sample_rows(rows: list[dict]) -> tuple[dict[str, list[Path]], list[str]]:
+    """Each finished job's single sample PNGs (`NN_<prompt>_K.png`, the same prompts and seeds in every job) and
+    the column titles (the prompts)."""
+    samples, titles = {}, []
+    for r in rows:
+        folder = r["folder"]
+        files = sorted(p for p in (folder / "samples").glob("*.png") if re.match(r"\d+_.*_\d+\.png$", p.name)) \
+            if folder and r["status"] == "ok" else []
+        if not files:
+            continue
+        samples[r["label"]] = files[:SAMPLE_COLUMNS]
+        if not titles:
+            prompts = r["config"].get("prompt") or []
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            for p in files[:SAMPLE_COLUMNS]:
+                i, k = int(p.name.split("_", 1)[0]), int(p.stem.rsplit("_", 1)[1])
+                titles.append((prompts[i] if i < len(prompts) else p.stem) + (f" #{k}" if k else ""))
+    return samples, titles
 
 
-class AblationReportCallback(Callback):
-    """Hydra callback: write the report into the sweep folder when a multirun ends."""
+def write_report(sweep: Path, wandb_summary: bool | None = None) -> Path | None:
+    """ablation.md + figures in `sweep`; None when the folder holds no job. `wandb_summary=None`: when the jobs
+    used wandb."""
+    sweep = Path(sweep)
+    rows = collect(sweep)
+    if not rows:
+        log.warning("no job folder in %s: no ablation report", sweep)
+        return None
+    figs = figures(sweep, rows)
+    out = sweep / "ablation.md"
+    atomic_write_text(out, markdown(sweep, rows, list(figs.values())))
+    log.info("ablation report: %s (%d rows, %d failed or missing, %d figures)", out, len(rows),
+             sum(r["status"] != "ok" for r in rows), len(figs))
+    logger = next((r["config"].get("logger") for r in rows if r["config"].get("logger")), None) or {}
+    if wandb_summary or (wandb_summary is None and logger.get("name") == "wandb"):
+        from ldm_train.evaluation.ablation_wandb import log_to_wandb
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        try:
-            write_report(sweep)
-        except Exception:  # the jobs' results are safe on disk; the report can be rebuilt on demand
-            log.exception("ablation report failed; rebuild it with `python scripts/ablation_report.py %s`", sweep)
+        log_to_wandb(sweep, rows, figs, logger)
+    return out

@@ -51,35 +51,3 @@ def reconstruction_metrics(reconstruct: Callable[[torch.Tensor], torch.Tensor], 
         out[features.rfid_key] = float(fd.compute())
     return out
 
-
-@torch.no_grad()
-def generation_metrics(generate: Callable[[list[str], int], torch.Tensor], real_batches: Iterable[dict],
-                       features: FeatureNetwork | None,
-                       alignment: Callable[[torch.Tensor, list[str]], float] | None = None,
-                       seed: int = 0) -> tuple[dict, tuple[torch.Tensor, list[str]] | None]:
-    """Generated vs real images, batch by batch: images_i = generate(captions_i, seed + i) for the i-th real batch
-    ({"image": (B, 3, H, W) in [-1, 1], "caption": B strings}).
-
-    Returns the metrics, {eval_samples, <features.fid_key>: Fréchet distance between the real and generated sets
-    in the feature network's space (with features), caption_alignment: the per-image mean of `alignment` (with
-    alignment)}, and the first batch's (images, captions) for a grid (None without batches).
-    """
-    fd = frechet(features) if features else None
-    hits, n, first = 0.0, 0, None
-    for i, batch in enumerate(real_batches):
-        captions = list(batch["caption"])
-        images = generate(captions, seed + i)
-        if fd is not None:
-            fd.update(unit(batch["image"]), real=True)
-            fd.update(unit(images), real=False)
-        if alignment is not None:
-            hits += alignment(images, captions) * len(images)
-        n += len(images)
-        if first is None:
-            first = (images, captions)
-    metrics: dict = {"eval_samples": n}
-    if fd is not None:
-        metrics[features.fid_key] = float(fd.compute())
-    if alignment is not None:
-        metrics["caption_alignment"] = hits / max(n, 1)
-    return metrics, first

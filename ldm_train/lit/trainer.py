@@ -75,10 +75,10 @@ def build_logger(cfg: DictConfig, job_type: str):
         from lightning.pytorch.loggers import WandbLogger
 
         mode = wandb_mode(cfg.logger.get("mode", "auto"))
-        if mode == "offline":
+        group = sweep_group(cfg)
+        if mode == "offline" and group is None:  # in a sweep, one command for all jobs is printed at its end
             log.info("wandb runs offline (no API key or WANDB_MODE); upload later with `wandb sync %s/wandb`",
                      save_dir)
-        group = sweep_group(cfg)
         return WandbLogger(project=cfg.logger.project, name=f"{cfg.name}-{job_type}", job_type=job_type,
                            group=group, tags=[f"f{cfg.f}", cfg.regularizer.name], save_dir=save_dir, mode=mode,
                            config=OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
@@ -86,14 +86,18 @@ def build_logger(cfg: DictConfig, job_type: str):
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
-    """wandb group: `logger.group` when set, else the sweep folder's name in a multirun (one group per ablation)."""
+    """wandb group: `logger.group` when set, else in a multirun the sweep's readable name (swept keys and values,
+    recorded in sweep.json before the first job) or the sweep folder's name (one group per ablation)."""
     if cfg.logger.get("group"):
         return str(cfg.logger.group)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().sweep.dir).name
+        from ldm_train.evaluation.sweep import read_sweep
+
+        sweep = Path(HydraConfig.get().sweep.dir)
+        return read_sweep(sweep).get("group") or sweep.name
     return None
 
 

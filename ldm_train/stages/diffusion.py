@@ -15,6 +15,7 @@ from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.data.images import caption_limit
 from ldm_train.data.latents import check_cache, read_info
+from ldm_train.evaluation.quality import build_quality_monitor
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.pipeline.first_stage import FirstStage
@@ -60,9 +61,11 @@ def run(cfg: DictConfig) -> dict:
         from ldm_train.data.shapes import caption_alignment as alignment
     module = DiffusionModule(pipeline, OmegaConf.to_container(d, resolve=True), out_dir=str(run_dir(cfg)),
                              alignment_fn=alignment, channels_last=cfg.trainer.get("channels_last", True))
+    callbacks = [DataHealth(cfg.data.get("max_skip_fraction", 0.05))]
+    quality = build_quality_monitor(cfg, run_dir(cfg))  # sample quality against the step (diffusion.eval_every)
     trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
                             limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None,
-                            callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))])
+                            callbacks=callbacks + ([quality] if quality else []))
     global_batch(trainer, d.batch_size, "stage 2")
     train_loader, val_loader = trainer_loaders(trainer, train_ds, val_ds, d.batch_size, cfg.seed, cfg.data.num_workers)
     start = time.time()

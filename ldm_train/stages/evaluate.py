@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.evaluation.features import FeatureNetwork, resolve_features
-from ldm_train.evaluation.metrics import generation_metrics, reconstruction_metrics
+from ldm_train.evaluation.metrics import reconstruction_metrics
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder, stage1_command
 from ldm_train.utils.images import save_grid
 from ldm_train.utils.io import atomic_write_json
@@ -25,6 +25,7 @@ from ldm_train.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 TARGETS = ("auto", "autoencoder", "diffusion", "both")
+SEED_STRIDE = 1000  # eval.seeds repeat r samples batch i with seed sampling.seed + i + 1000·r
 
 
 def shapes_features_path(cfg: DictConfig) -> Path:
@@ -105,28 +106,31 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
 
     pipe = LatentDiffusionPipeline.from_artifact(diffusion_dir(cfg))
     config = pipe.config
-    alignment = None
-    if config.get("data") == "shapes":
-        from ldm_train.data.shapes import caption_alignment, captions_to_labels
-
-        alignment = caption_alignment
-
-    def gen_fn(captions: list[str], seed: int) -> torch.Tensor:
-        """Images in [-1, 1] for `captions`, with the evaluation's sampling settings and this seed."""
-        labels = captions_to_labels(captions) if pipe.text_encoder.needs_labels else None
-        return pipe.generate(captions, **{**cfg.sampling, "seed": seed}, labels=labels)
+    shapes = config.get("data") == "shapes"
+    from ldm_train.data.shapes import caption_alignment, captions_to_labels
+    from ldm_train.evaluation.generation import generation_metrics, over_seeds
 
     real = real_set(cfg, config["resolution"], cfg.eval.num_samples)
-    metrics, first = generation_metrics(gen_fn, real, features, alignment, seed=cfg.sampling.seed)
-    grid = None
-    if first is not None:
-        images, captions = first
-        k = min(8, len(images))
-        grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
-                         scale=max(1, 64 // config["resolution"]))
-    metrics.update(eval_sampler=cfg.sampling.sampler, eval_steps=cfg.sampling.steps,
-                   eval_guidance_scale=float(cfg.sampling.guidance_scale))
-    return metrics, grid
+    grid: list[Path] = []
+
+    def generate(captions: list[str], i: int, repeat: int) -> torch.Tensor:
+        labels = captions_to_labels(captions) if pipe.text_encoder.needs_labels else None
+        seed = cfg.sampling.seed + i + SEED_STRIDE * repeat  # repeat 0: the seeds of a single evaluation
+        images = pipe.generate(captions, **{**cfg.sampling, "seed": seed}, labels=labels)
+        if not grid:
+            k = min(8, len(images))
+            grid.append(save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1,
+                                  captions=captions[:k], scale=max(1, 64 // config["resolution"])))
+        return images
+
+    runs = [generation_metrics(lambda c, i, r=r: generate(c, i, r), real, features,
+                               caption_alignment if shapes else None) for r in range(int(cfg.eval.get("seeds", 1)))]
+    gen = over_seeds(runs)  # mean, and <key>_std over the repeats when eval.seeds > 1
+    metrics = {"eval_samples": int(gen.pop("samples")), "eval_seeds": int(gen.pop("seeds")),
+               "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
+               "eval_guidance_scale": float(cfg.sampling.guidance_scale),
+               **{f"eval_{k}" if k.startswith("samples_per_second") else k: v for k, v in gen.items()}}
+    return metrics, grid[0]
 
 
 def run(cfg: DictConfig, only: list[str] | None = None) -> dict:
