@@ -10,7 +10,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
-STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents", "import",
+          "export")
 
 
 class ConfigError(ValueError):

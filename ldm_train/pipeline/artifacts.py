@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,8 +123,9 @@ def read_calibration(artifact: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- diffusion
 
 def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: dict,
-                   autoencoder: Path, metrics: dict) -> None:
-    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, and the autoencoder reference."""
+                   autoencoder: Path, metrics: dict, extra: Callable[[Path], None] | None = None) -> None:
+    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, and the autoencoder reference;
+    `extra(tmp)` adds further files (an imported text tower) inside the same atomic write."""
 
     def write(tmp: Path) -> None:
         save_file(state_to_safetensors(unet), str(tmp / "model.safetensors"))
@@ -133,6 +135,8 @@ def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
         ref = {"path": str(Path(autoencoder).resolve()), "content_hash": content_hash(autoencoder)}
         (tmp / "autoencoder.json").write_text(json.dumps(ref, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(tmp)
 
     atomic_write_dir(final, write)
 
