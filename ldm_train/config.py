@@ -90,8 +90,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{stage}.batch_size={section.batch_size} is the batch per device; it must be at "
                               f"least 1 on each of the {devices} devices")
     _validate_distribution(cfg)
-    if cfg.stage in ("diffusion", "pipeline"):
-        _check_unet_fits(cfg)
+    if cfg.stage in ("diffusion", "pipeline") and not cfg.diffusion.get("init_from"):
+        _check_unet_fits(cfg)  # with init_from, the artifact's architecture applies (checked at stage start)
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
@@ -114,6 +114,27 @@ def _validate_distribution(cfg: DictConfig) -> None:
     if trains_stage1 and cfg.autoencoder.loss.disc.get("sync_batchnorm") and not _gpu_run(cfg):
         raise ConfigError("autoencoder.loss.disc.sync_batchnorm needs GPUs (torch's SyncBatchNorm refuses CPU "
                           "tensors); set it to false, or use autoencoder.loss.disc.norm=group")
+
+
+def command_line_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides the user typed (`f=8`, …): Hydra's task overrides, or a composed config's `hydra` node."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # no Hydra run (tests, scripts): compose(..., return_hydra_config=True) keeps them
+        hydra = cfg.get("hydra") or {}
+        return list((hydra.get("overrides") or {}).get("task") or [])
+
+
+def check_against_artifact(cfg: DictConfig, artifact: Path, values: dict) -> None:
+    """A command-line `f=` / `regularizer=` that disagrees with the artifact a run starts from is an error (the
+    artifact decides; leaving them out takes its values)."""
+    given = dict(o.split("=", 1) for o in command_line_overrides(cfg) if "=" in o and not o.startswith("+"))
+    for key, value in values.items():
+        if key in given and str(given[key]) != str(value):
+            raise ConfigError(f"{key}={given[key]} on the command line, but {artifact} has {key}={value}: drop "
+                              f"{key}= (the artifact's architecture is used) or start from another artifact")
 
 
 def _check_unet_fits(cfg: DictConfig) -> None:

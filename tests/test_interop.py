@@ -254,3 +254,34 @@ def test_exported_pipeline_generates_our_images(exported, imported):
         theirs = ref(prompts, num_inference_steps=steps, guidance_scale=7.5, latents=latents, output_type="pt").images
     assert theirs.shape == ours.shape
     assert float((ours * 0.5 + 0.5 - theirs).abs().max()) <= 1e-4
+
+
+def _init_overrides(root: Path, *extra: str) -> list[str]:
+    return ["experiment=smoke", "stage=diffusion", "diffusion.init_from=sd", "name=tuned", "data.resolution=64",
+            "diffusion.max_steps=1", "diffusion.lr=0", "diffusion.warmup_steps=0", "diffusion.batch_size=2",
+            "diffusion.val_every=1", "diffusion.latent_std_range=[0.0,100.0]", "diffusion.ema_decay=0.5",
+            f"paths.artifacts={root}", f"paths.run_dir={root / 'run_tuned'}", *extra]
+
+
+def test_diffusion_init_from_imported(imported, tmp_path):
+    """stage=diffusion diffusion.init_from=<imported>: its VAE, U-Net, CLIP tower and schedule; with lr=0 the
+    written artifact holds exactly the imported weights."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm_train.__main__ import run
+    from ldm_train.config import CONF_DIR, ConfigError
+
+    root, pipe = imported
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=_init_overrides(root))
+        bad = compose("config", overrides=_init_overrides(root, "f=4"), return_hydra_config=True)
+    run(cfg)
+    from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
+
+    tuned = LatentDiffusionPipeline.from_artifact(root / "diffusion" / "tuned")
+    assert tuned.config["f"] == 8 and tuned.config["text_encoder"]["name"] == "clip_l"
+    assert tuned.parameterization.name == pipe.parameterization.name
+    a, b = tuned.denoiser.state_dict(), pipe.denoiser.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    with pytest.raises(ConfigError, match="f=4 on the command line, but .* has f=8"):
+        run(bad)

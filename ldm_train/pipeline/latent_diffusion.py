@@ -101,6 +101,19 @@ class LatentDiffusionPipeline:
         pipe.text_encoder.eval().requires_grad_(False)
         return pipe
 
+    @classmethod
+    def init_from(cls, path: Path | str, overrides: Mapping[str, Any]) -> LatentDiffusionPipeline:
+        """Start training from a diffusion artifact (imported or ours): its autoencoder, architectures and weights,
+        with `overrides` (the run's `diffusion` training settings, `data`, `resolution`) replacing config keys.
+        The denoiser (and a jointly trained text encoder) is trainable again; a frozen encoder stays frozen."""
+        pipe = cls.from_artifact(path)
+        pipe.config = {**pipe.config, **overrides}
+        pipe.resolution = int(pipe.config["resolution"])
+        pipe.denoiser.train().requires_grad_(True)
+        if getattr(pipe.text_encoder, "trainable", False):
+            pipe.text_encoder.train().requires_grad_(True)
+        return pipe
+
     def save(self, path: Path | str, metrics: dict) -> None:
         """Write the diffusion artifact (atomically): denoiser, a jointly trained text encoder, config, the
         autoencoder reference (path + content hash), metrics."""
