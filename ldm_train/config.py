@@ -78,8 +78,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.name == "latents" and cfg.stage not in ("diffusion", "sample"):
         raise ConfigError(f"data=latents (a latent cache) only feeds stage=diffusion; stage={cfg.stage} needs images: "
                           "choose data=shapes, folder or webdataset")
-    if cfg.stage == "autoencoder":
-        resolved_arch(cfg)
+    if cfg.stage == "autoencoder" and not cfg.autoencoder.get("init_from"):
+        resolved_arch(cfg)  # with init_from, the artifact's architecture applies
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
         raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
     for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
