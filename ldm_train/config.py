@@ -14,7 +14,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 log = logging.getLogger(__name__)
-STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents", "import",
+          "export")
 
 
 class ConfigError(UserError, ValueError):
@@ -83,8 +84,8 @@ def validate(cfg: DictConfig) -> None:
         from ldm_train.pipeline.calibration import calibration_sample
 
         calibration_sample(cfg)
-    if cfg.stage == "autoencoder":
-        resolved_arch(cfg)
+    if cfg.stage == "autoencoder" and not cfg.autoencoder.get("init_from"):
+        resolved_arch(cfg)  # with init_from, the artifact's architecture applies
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
         raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
     for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
@@ -97,8 +98,8 @@ def validate(cfg: DictConfig) -> None:
         if "lr" in section.optimizer:  # the module passes the stage's lr, which would silently win
             raise ConfigError(f"set the learning rate with {stage}.lr, not {stage}.optimizer.lr")
     _validate_distribution(cfg)
-    if cfg.stage in ("diffusion", "pipeline"):
-        _check_unet_fits(cfg)
+    if cfg.stage in ("diffusion", "pipeline") and not cfg.diffusion.get("init_from"):
+        _check_unet_fits(cfg)  # with init_from, the artifact's architecture applies (checked at stage start)
     if cfg.stage in ("autoencoder", "pipeline") and (warning := idle_discriminator_warning(cfg.autoencoder)):
         log.warning(warning)
     disc = cfg.autoencoder.loss.disc
@@ -138,6 +139,27 @@ def _validate_distribution(cfg: DictConfig) -> None:
     if trains_stage1 and cfg.autoencoder.loss.disc.get("sync_batchnorm") and not _gpu_run(cfg):
         raise ConfigError("autoencoder.loss.disc.sync_batchnorm needs GPUs (torch's SyncBatchNorm refuses CPU "
                           "tensors); set it to false, or use autoencoder.loss.disc.norm=group")
+
+
+def command_line_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides the user typed (`f=8`, …): Hydra's task overrides, or a composed config's `hydra` node."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # no Hydra run (tests, scripts): compose(..., return_hydra_config=True) keeps them
+        hydra = cfg.get("hydra") or {}
+        return list((hydra.get("overrides") or {}).get("task") or [])
+
+
+def check_against_artifact(cfg: DictConfig, artifact: Path, values: dict) -> None:
+    """A command-line `f=` / `regularizer=` that disagrees with the artifact a run starts from is an error (the
+    artifact decides; leaving them out takes its values)."""
+    given = dict(o.split("=", 1) for o in command_line_overrides(cfg) if "=" in o and not o.startswith("+"))
+    for key, value in values.items():
+        if key in given and str(given[key]) != str(value):
+            raise ConfigError(f"{key}={given[key]} on the command line, but {artifact} has {key}={value}: drop "
+                              f"{key}= (the artifact's architecture is used) or start from another artifact")
 
 
 def _check_unet_fits(cfg: DictConfig) -> None:

@@ -20,8 +20,19 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
-def timesteps_for(steps: int, num_timesteps: int, t_start: int | None = None) -> torch.Tensor:
-    """Trailing grid t_i = round(T − i·T/steps) − 1, i < steps; descending, t_0 = T−1.
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+def timesteps_for(steps: int, num_timesteps: int, t_start: int | None = None, spacing: str = "trailing",
+                  steps_offset: int = 0, intervals: int | None = None) -> torch.Tensor:
+    """The descending inference grid of `steps` timesteps (the spacings of Lin et al. 2024, Table 2, as
+    diffusers' schedulers compute them):
+
+        trailing  t_i = round(T − i·T/steps) − 1                       (t_0 = T−1; our default)
+        leading   t_i = (n−1−i)·⌊T/n⌋ + steps_offset                   (SD's scheduler config: offset 1)
+        linspace  t_i = round((n−1−i)·(T−1)/(n−1))
+    for i < steps, with n = `intervals` (default `steps`; DPM-Solver's grids use n = steps + 1 and drop the
+    last point, as diffusers' DPMSolverMultistepScheduler does).
 
     With t_start (img2img) only grid points ≤ t_start are kept and the first kept one is
     moved up to t_start itself, so the first model call sees exactly the noise level the
@@ -30,8 +41,19 @@ def timesteps_for(steps: int, num_timesteps: int, t_start: int | None = None) ->
     T = num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    n = intervals or steps
     i = torch.arange(steps, dtype=torch.float64)
-    ts = torch.round(T - i * (T / steps)).long() - 1
+    if spacing == "trailing":
+        ts = torch.round(T - i * (T / steps)).long() - 1
+    elif spacing == "leading":
+        ts = ((n - 1 - i) * (T // n)).long() + steps_offset
+    elif spacing == "linspace":
+        ts = torch.round((n - 1 - i) * ((T - 1) / max(n - 1, 1))).long()
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if int(ts.max()) >= T or int(ts.min()) < 0:
+        raise ValueError(f"timestep_spacing={spacing} with steps_offset={steps_offset} puts grid points outside "
+                         f"[0, {T - 1}] for steps={steps}; lower steps_offset")
     if t_start is None:
         return ts
     if not 0 <= t_start < T:
@@ -50,13 +72,16 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return z.to(x.device)
 
 
-def _grid(schedule: NoiseSchedule, steps: int, t_start: int | None):
-    """(i, t, ᾱ_t, ᾱ_prev) along the grid; ᾱ_prev = 1 after the last point. Python floats (float64): per-step
-    coefficients never round to the sample dtype."""
-    ts = timesteps_for(steps, schedule.num_timesteps, t_start).tolist()
+def _grid(schedule: NoiseSchedule, steps: int, t_start: int | None, spacing: str = "trailing",
+          steps_offset: int = 0, final_alpha_one: bool = True, intervals: int | None = None):
+    """(i, t, ᾱ_t, ᾱ_prev) along the grid; ᾱ_prev after the last point is 1 (clean data), or ᾱ_0 when
+    `final_alpha_one` is false (diffusers' `set_alpha_to_one=False`, SD's DDIM config). Python floats (float64):
+    per-step coefficients never round to the sample dtype."""
+    ts = timesteps_for(steps, schedule.num_timesteps, t_start, spacing, steps_offset, intervals).tolist()
     ac = schedule.alphas_cumprod.tolist()
+    final = 1.0 if final_alpha_one else ac[0]
     for i, t in enumerate(ts):
-        yield i, t, ac[t], ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        yield i, t, ac[t], ac[ts[i + 1]] if i + 1 < len(ts) else final
 
 
 def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +93,11 @@ def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, a_t: float) -> tuple[to
 @torch.no_grad()
 def ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
          generator: torch.Generator | None = None, t_start: int | None = None,
-         callback: Callback | None = None) -> torch.Tensor:
+         callback: Callback | None = None, timestep_spacing: str = "trailing", steps_offset: int = 0,
+         final_alpha_one: bool = True) -> torch.Tensor:
     """DDIM (Song et al. 2021): x' = √ᾱ'·x0 + √(1−ᾱ'−σ²)·ε + σ·z, σ² = η²·(1−ᾱ')/(1−ᾱ)·(1−ᾱ/ᾱ');
     η = 0 is deterministic."""
-    for i, t, a_t, a_prev in _grid(schedule, steps, t_start):
+    for i, t, a_t, a_prev in _grid(schedule, steps, t_start, timestep_spacing, steps_offset, final_alpha_one):
         eps, x0 = _predict(model_fn, x, t, a_t)
         var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
@@ -85,10 +111,11 @@ def ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int
 @torch.no_grad()
 def ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
          generator: torch.Generator | None = None, t_start: int | None = None,
-         callback: Callback | None = None) -> torch.Tensor:
+         callback: Callback | None = None, timestep_spacing: str = "trailing", steps_offset: int = 0,
+         final_alpha_one: bool = True) -> torch.Tensor:
     """Ancestral DDPM on the strided grid: x' ~ q(x' | x, x0) with β = 1 − ᾱ/ᾱ', variance β̃ = (1−ᾱ')/(1−ᾱ)·β.
     `eta` is ignored (the variance is DDPM's)."""
-    for i, t, a_t, a_prev in _grid(schedule, steps, t_start):
+    for i, t, a_t, a_prev in _grid(schedule, steps, t_start, timestep_spacing, steps_offset, final_alpha_one):
         eps, x0 = _predict(model_fn, x, t, a_t)
         beta = 1 - a_t / a_prev
         c0 = math.sqrt(a_prev) * beta / (1 - a_t)
@@ -105,11 +132,15 @@ def ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int
 @torch.no_grad()
 def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
              generator: torch.Generator | None = None, t_start: int | None = None,
-             callback: Callback | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), deterministic: `eta` and `generator` are ignored."""
+             callback: Callback | None = None, timestep_spacing: str = "trailing", steps_offset: int = 0,
+             final_alpha_one: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), deterministic: `eta` and `generator` are ignored. The last step goes
+    to clean data (first order, whatever `final_alpha_one`). Leading / linspace grids split T into steps + 1
+    intervals (diffusers' DPMSolverMultistepScheduler)."""
     old_x0: torch.Tensor | None = None  # previous data prediction
     old_h: float | None = None
-    for i, t, a_t, a_prev in _grid(schedule, steps, t_start):
+    grid = list(_grid(schedule, steps, t_start, timestep_spacing, steps_offset, True, steps + 1))
+    for i, t, a_t, a_prev in grid:
         _, x0 = _predict(model_fn, x, t, a_t)
         x, old_x0, old_h = _dpmpp_2m_step(x, x0, a_t, a_prev, old_x0, old_h)
         if callback is not None:

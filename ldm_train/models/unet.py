@@ -25,12 +25,15 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim) laid out as [sin(t·f_0..f_{h-1}), cos(t·f_0..f_{h-1})]."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       flip_sin_to_cos: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) laid out as [sin(t·f_0..f_{h-1}), cos(t·f_0..f_{h-1})], f_i =
+    max_period^(−i/h); `flip_sin_to_cos` gives [cos, sin] (the layout Stable Diffusion was trained with)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, 2*half)
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(parts, dim=-1)  # (B, 2*half)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -85,9 +88,11 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over tokens; self-attention when context is None."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0,
+                 upcast: bool = False):
         super().__init__()
         self.heads = heads
+        self.upcast = upcast  # softmax(QKᵀ) in fp32 under fp16/bf16 (SD 2.x's 768-px v model overflows otherwise)
         kv_dim = dim if context_dim is None else context_dim
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(kv_dim, dim, bias=False)
@@ -101,7 +106,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d_h)
         k = self.to_k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, d_h)
         v = self.to_v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d_h)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)  # (B, h, N, d_h)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d_h)
         return self.to_out(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -124,12 +132,12 @@ class GEGLU(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LN self-attention, cross-attention over the context, GEGLU feed-forward; all residual."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0, upcast: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, None, dropout)
+        self.attn1 = Attention(dim, heads, None, dropout, upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim, dropout)
+        self.attn2 = Attention(dim, heads, context_dim, dropout, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLU(dim, 4, dropout)
 
@@ -144,11 +152,11 @@ class SpatialTransformer(nn.Module):
     """GroupNorm → proj_in → transformer blocks over H·W tokens → proj_out(zero) → + input."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int, num_groups: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, upcast_attention: bool = False):
         super().__init__()
         self.norm = _norm(channels, num_groups, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, context_dim, dropout)
+        self.blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, context_dim, dropout, upcast_attention)
                                     for _ in range(depth))
         self.proj_out = _zero(nn.Linear(channels, channels))
 
@@ -195,6 +203,8 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,
         num_groups: int = 32,
         num_heads: int | None = None,
+        flip_sin_to_cos: bool = False,
+        upcast_attention: bool = False,
     ):
         super().__init__()
         channel_mult = list(channel_mult)
@@ -211,6 +221,7 @@ class UNet(nn.Module):
         self.context_dim = context_dim
         self.num_levels = len(channel_mult)
         self.gradient_checkpointing = gradient_checkpointing
+        self.flip_sin_to_cos = flip_sin_to_cos  # timestep embedding [cos, sin] (SD's) instead of [sin, cos]
         self._num_heads, self._num_head_channels = num_heads, num_head_channels
         self._check_groups(num_groups, _norm_widths(model_channels, channel_mult, num_res_blocks))
 
@@ -222,7 +233,7 @@ class UNet(nn.Module):
             layers = nn.ModuleList([ResBlock(in_ch, out_ch, emb_dim, num_groups, dropout)])
             if attn:
                 layers.append(SpatialTransformer(out_ch, self._heads(out_ch), context_dim, transformer_depth,
-                                                 num_groups, dropout))
+                                                 num_groups, dropout, upcast_attention))
             return layers
 
         # Down path; skip_chs records the width of every tensor pushed onto the skip stack (conv_in included).
@@ -318,7 +329,8 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, 4·mc)
+        t_emb = timestep_embedding(t, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos)  # (B, mc)
+        emb = self.time_embed(t_emb.to(dtype))  # (B, 4·mc)
         context = None if context is None else context.to(dtype)
 
         h = self.conv_in(x.to(dtype))  # (B, mc, H, W)

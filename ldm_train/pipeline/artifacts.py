@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -142,8 +143,10 @@ def read_calibration(artifact: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- diffusion
 
 def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: dict,
-                   autoencoder: Path, metrics: dict, provenance: dict | None = None) -> None:
-    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, the autoencoder reference, provenance."""
+                   autoencoder: Path, metrics: dict, provenance: dict | None = None,
+                   extra: Callable[[Path], None] | None = None) -> None:
+    """EMA U-Net (+ a trainable text encoder) as safetensors, its config, the autoencoder reference, provenance;
+    `extra(tmp)` adds further files (an imported text tower) inside the same atomic write."""
 
     def write(tmp: Path) -> None:
         save_file(state_to_safetensors(unet), str(tmp / "model.safetensors"))
@@ -154,6 +157,8 @@ def save_diffusion(final: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
         (tmp / "autoencoder.json").write_text(json.dumps(ref, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         write_provenance(tmp, provenance)
+        if extra is not None:
+            extra(tmp)
 
     log_replacement(final, provenance)
     atomic_write_dir(final, write)

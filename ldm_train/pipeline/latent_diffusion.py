@@ -23,7 +23,10 @@ from ldm_train.models.unet import UNet
 from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
 from ldm_train.pipeline.first_stage import FirstStage
 
-SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed")
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed", "timestep_spacing", "steps_offset",
+                 "final_alpha_one")
+# the inference grid of artifacts written before these keys existed (today's grid)
+GRID_DEFAULTS = {"timestep_spacing": "trailing", "steps_offset": 0, "final_alpha_one": True}
 
 
 def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int) -> nn.Module:
@@ -39,6 +42,21 @@ def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_di
     return UNet(in_channels=latent_channels, **cfg)
 
 
+def sampling_settings(sampling: Mapping[str, Any]) -> dict:
+    """The SAMPLING_KEYS of a sampling node; a grid key left null (or absent) takes GRID_DEFAULTS."""
+    given = {k: v for k, v in sampling.items() if v is not None}
+    return {k: {**GRID_DEFAULTS, **given}.get(k) for k in SAMPLING_KEYS}
+
+
+def with_local_paths(config: dict, artifact: Path) -> dict:
+    """A text encoder stored inside the artifact (an imported CLIP tower) is named relative to it, so the
+    artifact can move; resolve that name against the artifact's folder."""
+    name = config.get("text_encoder", {}).get("name_or_path")
+    if isinstance(name, str) and not Path(name).is_absolute() and (Path(artifact) / name).is_dir():
+        return {**config, "text_encoder": {**config["text_encoder"], "name_or_path": str(Path(artifact) / name)}}
+    return config
+
+
 class LatentDiffusionPipeline:
     """Text → latent sampler with CFG → first-stage decoder. `config` is what the artifact's config.yaml holds:
     {unet, text_encoder, diffusion, sampling, resolution, latent_channels, f, regularizer, data}."""
@@ -49,7 +67,7 @@ class LatentDiffusionPipeline:
         self.parameterization = parameterization
         self.config = config
         self.resolution = int(config["resolution"])
-        self.sampling = {k: config.get("sampling", {}).get(k) for k in SAMPLING_KEYS}
+        self.sampling = sampling_settings(config.get("sampling", {}))
 
     # ------------------------------------------------------------------------------------------- build / load
 
@@ -58,7 +76,7 @@ class LatentDiffusionPipeline:
                         first_stage: FirstStage, data: str) -> dict:
         """Everything needed to rebuild and sample the model: the artifact's config.yaml."""
         return {"unet": dict(unet), "text_encoder": dict(text_encoder), "diffusion": dict(diffusion),
-                "sampling": {k: sampling[k] for k in SAMPLING_KEYS}, "resolution": int(resolution),
+                "sampling": sampling_settings(sampling), "resolution": int(resolution),
                 "latent_channels": first_stage.latent_channels, "f": first_stage.f,
                 "regularizer": first_stage.regularizer.name, "data": data}
 
@@ -74,12 +92,26 @@ class LatentDiffusionPipeline:
         """Load a diffusion artifact (EMA weights) with the autoencoder it was trained on; frozen, eval mode."""
         path = Path(path)
         config, ae_path = read_diffusion(path)
+        config = with_local_paths(config, path)
         pipe = cls.build(FirstStage.from_artifact(ae_path), config)
         if (path / "text_encoder.safetensors").exists():
             pipe.text_encoder.load_state_dict(load_weights(path / "text_encoder.safetensors"))
         pipe.denoiser.load_state_dict(load_weights(path / "model.safetensors"))
         pipe.denoiser.eval().requires_grad_(False)
         pipe.text_encoder.eval().requires_grad_(False)
+        return pipe
+
+    @classmethod
+    def init_from(cls, path: Path | str, overrides: Mapping[str, Any]) -> LatentDiffusionPipeline:
+        """Start training from a diffusion artifact (imported or ours): its autoencoder, architectures and weights,
+        with `overrides` (the run's `diffusion` training settings, `data`, `resolution`) replacing config keys.
+        The denoiser (and a jointly trained text encoder) is trainable again; a frozen encoder stays frozen."""
+        pipe = cls.from_artifact(path)
+        pipe.config = {**pipe.config, **overrides}
+        pipe.resolution = int(pipe.config["resolution"])
+        pipe.denoiser.train().requires_grad_(True)
+        if getattr(pipe.text_encoder, "trainable", False):
+            pipe.text_encoder.train().requires_grad_(True)
         return pipe
 
     def save(self, path: Path | str, metrics: dict, provenance: dict | None = None) -> None:
@@ -105,7 +137,8 @@ class LatentDiffusionPipeline:
                  guidance_scale: float | None = None, eta: float | None = None, seed: int | None = None,
                  negative_prompt: str = "", labels: torch.Tensor | None = None,
                  init_image: torch.Tensor | None = None, strength: float = 1.0,
-                 resolution: int | None = None) -> torch.Tensor:
+                 resolution: int | None = None, timestep_spacing: str | None = None,
+                 steps_offset: int | None = None, final_alpha_one: bool | None = None) -> torch.Tensor:
         """One image per prompt (repeat prompts for more), in [-1, 1], shape (N, 3, H, W).
 
         Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The unconditional CFG
@@ -113,8 +146,9 @@ class LatentDiffusionPipeline:
         (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there; strength 0 returns its
         reconstruction, strength 1 ignores it.
         """
-        s = {**self.sampling, **{k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                                        eta=eta, seed=seed).items() if v is not None}}
+        given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta, seed=seed,
+                     timestep_spacing=timestep_spacing, steps_offset=steps_offset, final_alpha_one=final_alpha_one)
+        s = {**self.sampling, **{k: v for k, v in given.items() if v is not None}}
         device, n = self.device, len(prompts)
         gen = torch.Generator(device="cpu").manual_seed(int(s["seed"]))
         context = self.text_encoder(list(prompts), labels=labels)  # (N, L, D)
@@ -133,5 +167,7 @@ class LatentDiffusionPipeline:
         model_fn = cfg_model_fn(self.denoiser, context, null.to(context.dtype), float(s["guidance_scale"]),
                                 self.parameterization)
         z = get_sampler(s["sampler"])(model_fn, x, self.parameterization.schedule, int(s["steps"]),
-                                      eta=float(s["eta"]), generator=gen, t_start=t_start)
+                                      eta=float(s["eta"]), generator=gen, t_start=t_start,
+                                      timestep_spacing=s["timestep_spacing"], steps_offset=int(s["steps_offset"]),
+                                      final_alpha_one=bool(s["final_alpha_one"]))
         return self.first_stage.decode(z)

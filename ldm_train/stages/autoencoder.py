@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.config import artifacts_root, resolved_arch, run_dir
+from ldm_train.config import artifacts_root, check_against_artifact, resolved_arch, run_dir
 from ldm_train.data import build_datasets
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
 from ldm_train.models.regularizers import regularizer_class
-from ldm_train.pipeline.artifacts import save_autoencoder
+from ldm_train.pipeline.artifacts import load_weights, read_arch, save_autoencoder
 from ldm_train.pipeline.provenance import provenance
 from ldm_train.stages.calibrate import calibrate_module
 from ldm_train.utils.io import atomic_write_text
@@ -26,10 +27,23 @@ log = logging.getLogger(__name__)
 HEADLINE_METRIC = "psnr"  # what `main()` returns to a Hydra sweeper
 
 
+def init_source(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """`autoencoder.init_from=<name or path>`: (artifact, its architecture); f=/regularizer= must agree."""
+    name = cfg.autoencoder.get("init_from")
+    if not name:
+        return None
+    source = Path(str(name)).expanduser()
+    path = source if source.is_dir() else artifacts_root(cfg) / "autoencoder" / str(name)
+    arch = read_arch(path)
+    check_against_artifact(cfg, path, {"f": arch["f"], "regularizer": arch["regularizer"]["name"]})
+    return path, arch
+
+
 def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     ae = cfg.autoencoder
-    arch = resolved_arch(cfg)
+    init = init_source(cfg)
+    arch = init[1] if init else resolved_arch(cfg)
     train_ds, val_ds = build_datasets(cfg.data)
     val_every = min(ae.val_every, ae.max_steps)
     # DDP must look for unused parameters: the generator and the discriminator backward passes each use only
@@ -49,6 +63,9 @@ def run(cfg: DictConfig) -> dict:
                                OmegaConf.to_container(ae.lr_scheduler, resolve=True) if ae.lr_scheduler else None,
                                out_dir=str(run_dir(cfg)), channels_last=cfg.trainer.get("channels_last", True),
                                compile=ae.get("compile", False))
+    if init:  # start from the artifact's weights (imported or ours); strict: its config.yaml built this module
+        module.autoencoder.load_state_dict(load_weights(init[0] / "model.safetensors"), strict=True)
+        log.info("stage 1 starts from %s (f=%d, %s)", init[0], arch["f"], arch["regularizer"]["name"])
     perceptual = {"net": ae.loss.perceptual.net, "weights": module.loss.perceptual.resolved,
                   "metric_name": module.perceptual_name}
     log.info("perceptual loss: %s backbone with %s weights → logged as %s", perceptual["net"],

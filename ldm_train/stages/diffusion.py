@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_train.config import autoencoder_dir, diffusion_dir, run_dir
+from ldm_train.config import artifacts_root, autoencoder_dir, check_against_artifact, diffusion_dir, run_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
@@ -24,6 +25,7 @@ from ldm_train.pipeline.provenance import provenance
 
 log = logging.getLogger(__name__)
 HEADLINE_METRIC = "val/loss"
+SCHEDULE_KEYS = ("num_timesteps", "schedule", "beta_start", "beta_end", "prediction_type")
 
 
 def pipeline_config(cfg: DictConfig, first_stage: FirstStage) -> dict:
@@ -36,17 +38,38 @@ def pipeline_config(cfg: DictConfig, first_stage: FirstStage) -> dict:
         sampling=plain(cfg.sampling), resolution=cfg.data.resolution, first_stage=first_stage, data=cfg.data.name)
 
 
+def init_pipeline(cfg: DictConfig) -> LatentDiffusionPipeline:
+    """`diffusion.init_from=<name or path>`: the artifact's autoencoder, architectures and weights; this run's
+    training settings, data and resolution."""
+    from ldm_train.pipeline.artifacts import read_diffusion
+
+    source = Path(str(cfg.diffusion.init_from)).expanduser()
+    path = source if source.is_dir() else artifacts_root(cfg) / "diffusion" / str(cfg.diffusion.init_from)
+    stored, _ = read_diffusion(path)
+    check_against_artifact(cfg, path, {"f": stored["f"], "regularizer": stored["regularizer"]})
+    diffusion = {**OmegaConf.to_container(cfg.diffusion, resolve=True),
+                 **{k: stored["diffusion"][k] for k in SCHEDULE_KEYS}}  # the weights were trained on this schedule
+    pipe = LatentDiffusionPipeline.init_from(path, {"diffusion": diffusion, "data": cfg.data.name,
+                                                    "resolution": cfg.data.resolution})
+    pipe.first_stage.sample_posterior = bool(cfg.diffusion.sample_posterior)
+    log.info("stage 2 starts from %s (f=%d, %s, U-Net %s)", path, stored["f"], stored["regularizer"],
+             stored["unet"].get("model_channels"))
+    return pipe
+
+
 def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     d = cfg.diffusion
-    first_stage = FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f, cfg.regularizer.name, d.sample_posterior)
+    init = init_pipeline(cfg) if d.get("init_from") else None
+    first_stage = init.first_stage if init else FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f,
+                                                                         cfg.regularizer.name, d.sample_posterior)
     first_stage.check_options(OmegaConf.to_container(cfg.regularizer, resolve=True))
     if cfg.data.name == "latents":  # the cache must come from this autoencoder; its resolution is the run's
         info = read_info(cfg.data)
         check_cache(info, first_stage, OmegaConf.to_container(cfg.text_encoder, resolve=True))
         with open_dict(cfg):
             cfg.data.resolution = info["resolution"]
-    pipeline = LatentDiffusionPipeline.build(first_stage, pipeline_config(cfg, first_stage))
+    pipeline = init or LatentDiffusionPipeline.build(first_stage, pipeline_config(cfg, first_stage))
     unet, text_encoder = pipeline.denoiser, pipeline.text_encoder
     train_ds, val_ds = build_datasets(cfg.data, caption_limit(text_encoder))
     probe = next(iter(make_loader(train_ds, max(d.batch_size, 16), True)))

@@ -1,0 +1,1 @@
+"""Stable Diffusion interop: diffusers folders in (stage=import) and out (stage=export); one key table."""

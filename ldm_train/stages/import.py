@@ -1,0 +1,40 @@
+"""`stage=import source=<diffusers folder> name=<name>`: a Stable Diffusion pipeline → our artifacts."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ldm_train.config import ConfigError, artifacts_root
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Convert everything in memory, then write `autoencoder/<name>` and `diffusion/<name>` (all or nothing)."""
+    from ldm_train.interop.diffusers_import import convert, write_artifacts
+
+    if not cfg.get("source"):
+        raise ConfigError("stage=import needs source=<a diffusers pipeline folder> (and name=<artifact name>)")
+    source = Path(cfg.source).expanduser()
+    if not source.exists():
+        raise ConfigError(f"source={source} does not exist")
+    ae_dir, diff_dir = (artifacts_root(cfg) / kind / cfg.name for kind in ("autoencoder", "diffusion"))
+    existing = [str(p) for p in (ae_dir, diff_dir) if p.exists()]
+    if existing and not cfg.get("overwrite", False):
+        raise ConfigError(f"{' and '.join(existing)} already exist: choose another name= or pass overwrite=true")
+    with tempfile.TemporaryDirectory(prefix="ldm_import_") as work:
+        imported = convert(source, Path(work))
+        for note in imported.notes:
+            log.warning("%s", note)
+        write_artifacts(imported, ae_dir, diff_dir)
+    written = [str(ae_dir)] + ([str(diff_dir)] if imported.text_folder is not None else [])
+    log.info("imported %s → %s (VAE scale factor %.5f, stored; sampling: %s, %s spacing, steps_offset %d)",
+             source, " and ".join(written), imported.calibration["scale_factor"], imported.sampling["sampler"],
+             imported.sampling["timestep_spacing"], imported.sampling["steps_offset"])
+    return {"autoencoder": str(ae_dir), "diffusion": str(diff_dir) if len(written) > 1 else None,
+            "unet_tensors": len(imported.unet_state), "vae_tensors": len(imported.vae_state),
+            "notes": imported.notes}

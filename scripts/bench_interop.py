@@ -1,0 +1,140 @@
+"""Stable Diffusion interop figures: `stage=import` and `stage=export format=diffusers` of a randomly initialised
+pipeline (wall time, peak resident memory of the stage's own process), and a model of ours sampled by diffusers'
+modules next to our own sampling (max pixel difference).
+
+    python scripts/bench_interop.py                   # SD-1.5 size (859.5M U-Net, 83.7M VAE, 123M CLIP text)
+    python scripts/bench_interop.py --size tiny       # the tests' tiny pipeline (seconds)
+    python scripts/bench_interop.py --ours artifacts/diffusion/kl_f4   # also: that model sampled by diffusers
+
+Each stage runs in a fresh `python -m ldm_train` process, so its peak RSS is its own (ru_maxrss of the child).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # diffusers' defaults otherwise
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                sample_size=512)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77)
+
+
+def build_sd15(folder: Path) -> None:
+    """A randomly initialised SD-1.5-size pipeline saved in diffusers' layout (letter tokenizer: no CLIP vocab)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from sd_tiny import SCHEDULER, tiny_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(folder / "_tok")
+    tokenizer.model_max_length = 77
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                        **SD15_TEXT))
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=text, tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(**SCHEDULER),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    n = sum(p.numel() for p in pipe.unet.parameters())
+    print(f"built SD-1.5-size pipeline: U-Net {n / 1e6:.1f}M parameters")
+    pipe.save_pretrained(folder)
+
+
+STAGE = """import resource, sys, time
+from ldm_train.__main__ import main
+sys.argv = ["ldm_train", *sys.argv[1:]]
+start = time.perf_counter()
+try:
+    main()
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("BENCH", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def timed_stage(args: list[str]) -> tuple[float, float]:
+    """(wall seconds of the stage itself, peak RSS GiB of its process) of `python -m ldm_train <args>`, run in a
+    fresh process (so the peak is its own; Python start-up and imports are outside the wall time)."""
+    out = subprocess.run([sys.executable, "-c", STAGE, *args, "logger=none"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    _, wall, kib = next(line for line in out.splitlines() if line.startswith("BENCH")).split()
+    return float(wall), int(kib) / 2**20
+
+
+@torch.no_grad()
+def sampled_by_diffusers(artifact: Path, out: Path, steps: int = 20) -> float:
+    """Max |pixel| difference in [0, 1] between our `generate` and diffusers' AutoencoderKL + UNet2DConditionModel
+    + DDIMScheduler (exported from the same artifact) from the same noise and the same prompt embeddings."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_artifact(artifact)
+    subprocess.run([sys.executable, "-m", "ldm_train", "stage=export", f"diffusion_path={artifact}", f"out={out}",
+                    "logger=none"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True)
+    sch = DDIMScheduler.from_pretrained(out / "scheduler", local_files_only=True)
+    prompts, seed = ["a red circle on the left", "a blue square at the top"], 0
+    g = float(pipe.sampling["guidance_scale"])
+    labels = None
+    if pipe.text_encoder.needs_labels:
+        from ldm_train.data.shapes import captions_to_labels
+
+        labels = captions_to_labels(prompts)
+    ours = pipe.generate(prompts, sampler="ddim", steps=steps, seed=seed, labels=labels)
+    cond, uncond = pipe.text_encoder(prompts, labels=labels), pipe.text_encoder.unconditional("", len(prompts))
+    x = torch.randn((len(prompts), *pipe.first_stage.latent_shape(pipe.resolution)),
+                    generator=torch.Generator().manual_seed(seed))
+    sch.set_timesteps(steps)
+    for t in sch.timesteps:
+        out_u, out_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        x = sch.step(out_u + g * (out_c - out_u), t, x).prev_sample
+    theirs = vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
+    return float(((ours - theirs) / 2).abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--ours", type=Path, help="a diffusion artifact of ours to export and sample with diffusers")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_interop_") as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        if args.size == "sd15":
+            build_sd15(tmp / "src")
+        else:
+            from sd_tiny import tiny_sd
+
+            tiny_sd(tmp / "src")
+        print(f"source pipeline built and saved in {time.perf_counter() - start:.1f} s (not part of the figures)")
+        common = [f"paths.artifacts={tmp / 'art'}", f"hydra.run.dir={tmp / 'run'}"]
+        wall, peak = timed_stage(["stage=import", f"source={tmp / 'src'}", "name=sd", *common])
+        results.update(import_s=wall, import_peak_rss_gib=peak)
+        print(f"stage=import ({args.size}): {wall:.1f} s wall, peak RSS {peak:.2f} GiB")
+        wall, peak = timed_stage(["stage=export", "name=sd", f"out={tmp / 'out'}", *common])
+        results.update(export_s=wall, export_peak_rss_gib=peak)
+        print(f"stage=export format=diffusers ({args.size}): {wall:.1f} s wall, peak RSS {peak:.2f} GiB")
+        ours = args.ours.resolve() if args.ours else (tmp / "art" / "diffusion" / "sd" if args.size == "tiny" else None)
+        if ours is not None:  # default (tiny): the imported artifact, sampled as ours and by diffusers
+            diff = sampled_by_diffusers(ours, tmp / "ours_out")
+            results["ours_vs_diffusers_max_pixel_diff"] = diff
+            print(f"{ours} sampled by diffusers vs ours (DDIM 20 steps, same noise): max |Δpixel| = {diff:.2e}")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
