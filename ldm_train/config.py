@@ -10,7 +10,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # The per-f architecture table lives outside CONF_DIR: a folder there would be a Hydra config group named `f`,
 # and Hydra would then reject the plain value `f=8` ("Config group override must be a string or a list").
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
-STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents")
+STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents", "inspect")
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,11 @@ def validate(cfg: DictConfig) -> None:
     _validate_distribution(cfg)
     if cfg.stage in ("diffusion", "pipeline"):
         _check_unet_fits(cfg)
+    if cfg.diffusion.get("zero_terminal_snr") and cfg.diffusion.prediction_type != "v":
+        # at ᾱ_T = 0 the input is pure noise, so ε = x_T is trivial and x0 cannot be recovered from it
+        raise ConfigError(f"diffusion.zero_terminal_snr=true needs diffusion.prediction_type=v (got "
+                          f"{cfg.diffusion.prediction_type!r}): at SNR 0 an ε-prediction carries no information about "
+                          "the image; set diffusion.prediction_type=v or diffusion.zero_terminal_snr=false")
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
@@ -115,11 +120,18 @@ def _validate_distribution(cfg: DictConfig) -> None:
                           "tensors); set it to false, or use autoencoder.loss.disc.norm=group")
 
 
+def size_multiple(cfg: DictConfig) -> int:
+    """What every image side must divide by: f for stage 1 alone, else f times 2^(levels − 1) (the U-Net's
+    downsamplings of the latent)."""
+    f = int(cfg.f)
+    return f if cfg.stage == "autoencoder" else f * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
 def _check_unet_fits(cfg: DictConfig) -> None:
     """The image must divide by f (the autoencoder) times 2^(levels − 1) (the U-Net's downsamplings of the latent)."""
     f, res = int(cfg.f), int(cfg.data.resolution)
     levels = len(cfg.unet.channel_mult)
-    need = f * 2 ** (levels - 1)
+    need = size_multiple(cfg)
     if res % need:
         near = [r for r in (res // need * need, res // need * need + need) if r > 0]
         raise ConfigError(f"data.resolution={res} does not fit f={f} with a {levels}-level U-Net "

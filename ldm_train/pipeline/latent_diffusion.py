@@ -23,7 +23,7 @@ from ldm_train.models.unet import UNet
 from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
 from ldm_train.pipeline.first_stage import FirstStage
 
-SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed")
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed", "guidance_rescale", "height", "width")
 
 
 def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int) -> nn.Module:
@@ -58,7 +58,7 @@ class LatentDiffusionPipeline:
                         first_stage: FirstStage, data: str) -> dict:
         """Everything needed to rebuild and sample the model: the artifact's config.yaml."""
         return {"unet": dict(unet), "text_encoder": dict(text_encoder), "diffusion": dict(diffusion),
-                "sampling": {k: sampling[k] for k in SAMPLING_KEYS}, "resolution": int(resolution),
+                "sampling": {k: sampling.get(k) for k in SAMPLING_KEYS}, "resolution": int(resolution),
                 "latent_channels": first_stage.latent_channels, "f": first_stage.downsample_factor,
                 "regularizer": first_stage.autoencoder.arch["regularizer"]["name"], "data": data}
 
@@ -104,21 +104,25 @@ class LatentDiffusionPipeline:
                  guidance_scale: float | None = None, eta: float | None = None, seed: int | None = None,
                  negative_prompt: str = "", labels: torch.Tensor | None = None,
                  init_image: torch.Tensor | None = None, strength: float = 1.0,
-                 resolution: int | None = None) -> torch.Tensor:
+                 resolution: int | None = None, guidance_rescale: float | None = None,
+                 height: int | None = None, width: int | None = None) -> torch.Tensor:
         """One image per prompt (repeat prompts for more), in [-1, 1], shape (N, 3, H, W).
 
-        Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The unconditional CFG
-        branch is the negative prompt's encoding, or the null conditioning when it is empty. img2img: `init_image`
-        (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there; strength 0 returns its
-        reconstruction, strength 1 ignores it.
+        Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The image is height ×
+        width (each defaults to `resolution`, else the training resolution), e.g. an aspect bucket's size. The
+        unconditional CFG branch is the negative prompt's encoding, or the null conditioning when it is empty.
+        img2img: `init_image` (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there;
+        strength 0 returns its reconstruction, strength 1 ignores it.
         """
         s = {**self.sampling, **{k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                                        eta=eta, seed=seed).items() if v is not None}}
+                                                        eta=eta, seed=seed, guidance_rescale=guidance_rescale,
+                                                        height=height, width=width).items() if v is not None}}
         device, n = self.device, len(prompts)
         gen = torch.Generator(device="cpu").manual_seed(int(s["seed"]))
         context = self.text_encoder(list(prompts), labels=labels)  # (N, L, D)
         null = self.text_encoder.unconditional(negative_prompt, n)
-        shape = (n, *self.first_stage.latent_shape(resolution or self.resolution))
+        side = resolution or self.resolution
+        shape = (n, *self.first_stage.latent_shape(int(s["height"] or side), int(s["width"] or side)))
         x = torch.randn(shape, generator=gen).to(device)
         t_start = None
         if init_image is not None:
@@ -130,7 +134,8 @@ class LatentDiffusionPipeline:
                 t_start = min(T - 1, max(0, round(strength * T) - 1))
                 x = self.parameterization.noised(z0, torch.full((n,), t_start, dtype=torch.long, device=device), x)
         model_fn = cfg_model_fn(self.denoiser, context, null.to(context.dtype), float(s["guidance_scale"]),
-                                self.parameterization)
+                                self.parameterization, guidance_rescale=float(s["guidance_rescale"] or 0.0),
+                                with_x0=True)
         z = get_sampler(s["sampler"])(model_fn, x, self.parameterization.schedule, int(s["steps"]),
                                       eta=float(s["eta"]), generator=gen, t_start=t_start)
         return self.first_stage.decode(z)
