@@ -79,6 +79,7 @@ def validate(cfg: DictConfig) -> None:
                           "choose data=shapes, folder or webdataset")
     if cfg.stage == "autoencoder":
         resolved_arch(cfg)
+    _validate_buckets(cfg)
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
         raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
     for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
@@ -100,6 +101,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
                           "or autoencoder.loss.disc.norm=group")
+
+
+def _validate_buckets(cfg: DictConfig) -> None:
+    if not cfg.data.get("aspect_buckets") or cfg.stage == "inspect":
+        return
+    if cfg.data.name != "folder":
+        raise ConfigError(f"data.aspect_buckets=true is implemented for data=folder only (not data={cfg.data.name} "
+                          "yet); set data.aspect_buckets=false")
+    if cfg.stage == "cache_latents":
+        raise ConfigError("stage=cache_latents stores square latents; aspect buckets are not cached yet: set "
+                          "data.aspect_buckets=false, or train stage 2 from the images (data=folder)")
 
 
 def _validate_distribution(cfg: DictConfig) -> None:

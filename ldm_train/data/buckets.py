@@ -52,3 +52,48 @@ def histogram(assigned: Iterable[int], buckets: Sequence[Bucket]) -> dict[str, i
     """{"HxW": images} over all buckets (empty ones included), in bucket order."""
     n = Counter(assigned)
     return {f"{h}x{w}": n.get(i, 0) for i, (h, w) in enumerate(buckets)}
+
+
+def image_size(path) -> tuple[int, int] | None:
+    """(height, width) of an image file as `open_image` will orient it (EXIF rotations swap the sides), read from
+    its header only; None when the header cannot be read (the file is skipped, and counted, when it is loaded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            swap = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: transposed or rotated by 90°
+    except Exception:  # any header failure: the loader reports the reason
+        return None
+    return (w, h) if swap else (h, w)
+
+
+def dataset_buckets(dataset) -> tuple[list[int], list[Bucket]] | None:
+    """(bucket index of each item, bucket sizes) of a bucketed dataset or a Subset of one; None otherwise."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = dataset_buckets(dataset.dataset)
+        return None if inner is None else ([inner[0][i] for i in dataset.indices], inner[1])
+    if getattr(dataset, "buckets", None):
+        return list(dataset.bucket_of), list(dataset.buckets)
+    return None
+
+
+def bucket_batches(bucket_of: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches: a permutation seeded by (seed, epoch), grouped by bucket in that order, cut into
+    batches of `batch_size` (each bucket's incomplete last batch is left out this epoch), the batches shuffled."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    groups: dict[int, list[int]] = {}
+    for i in torch.randperm(len(bucket_of), generator=g).tolist():
+        groups.setdefault(bucket_of[i], []).append(i)
+    batches = [idx[k:k + batch_size] for _, idx in sorted(groups.items())
+               for k in range(0, len(idx) - batch_size + 1, batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def batches_per_rank(bucket_of: Sequence[int], batch_size: int, world_size: int) -> int:
+    """Batches every rank gets per epoch: ⌊(Σ_b ⌊n_b / B⌋) / W⌋ (the same on every rank and every epoch)."""
+    return sum(n // batch_size for n in Counter(bucket_of).values()) // world_size
