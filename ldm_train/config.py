@@ -80,6 +80,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage == "autoencoder":
         resolved_arch(cfg)
     _validate_buckets(cfg)
+    if cfg.diffusion.get("size_conditioning") and cfg.data.name != "folder" and cfg.stage in ("diffusion", "pipeline"):
+        raise ConfigError(f"diffusion.size_conditioning=true needs the images' sizes and crops: data=folder (not "
+                          f"data={cfg.data.name} yet); set diffusion.size_conditioning=false")
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
         raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
     for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):

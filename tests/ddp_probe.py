@@ -71,7 +71,7 @@ class Probe(L.Callback):
             module.parameterization.schedule.q_sample = recorded
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        entry = dict(self.local, images=image_hashes(batch["image"]),
+        entry = dict(self.local, images=image_hashes(batch["image"]), size=list(batch["image"].shape[-2:]),
                      logged_loss=float(trainer.callback_metrics["train/loss"]))
         if self.stage == "stage1":
             entry["g_grad"] = fingerprint(p.grad for p in module.autoencoder.parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -98,6 +99,9 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"no readable image in '{self.root}' (first failure: {first_error}); "
                              "remove or replace the broken files")
         size = self.buckets[self.bucket_of[index]] if self.buckets else None  # the requested item's bucket
-        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts, size=size)
+        crop: list[int] = []
+        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts, size=size, crop=crop)
         caption = self.caption(i, counts)
-        return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take()}
+        # SDXL's micro-conditioning: original size, crop top-left, target size
+        size_cond = torch.tensor([img.height, img.width, *crop, *image.shape[1:]], dtype=torch.float32)
+        return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take(), "size_cond": size_cond}

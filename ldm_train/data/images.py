@@ -120,9 +120,11 @@ def open_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, count
 
 
 def to_tensor(img: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False,
-              counts: Counts | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+              counts: Counts | None = None, size: tuple[int, int] | None = None,
+              crop: list[int] | None = None) -> torch.Tensor:
     """Resize to cover `size` = (h, w) (default: the square `resolution`; scale = max(h/H, w/W), i.e. the shorter
-    side to `resolution` for a square), crop it (center or random), maybe flip → (3, h, w) in [-1, 1]."""
+    side to `resolution` for a square), crop it (center or random), maybe flip → (3, h, w) in [-1, 1].
+    `crop`, when given, receives the crop's [top, left] in the resized image (size conditioning)."""
     bh, bw = size or (resolution, resolution)
     w, h = img.size
     scale = max(bh / h, bw / w)
@@ -139,6 +141,8 @@ def to_tensor(img: Image.Image, resolution: int, random_crop: bool = False, flip
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
     img = img.crop((left, top, left + bw, top + bh))
+    if crop is not None:
+        crop[:] = [top, left]
     if flip and torch.rand(()).item() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.uint8)

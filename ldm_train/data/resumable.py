@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ldm_train.data.buckets import batches_per_rank, bucket_batches, dataset_buckets
+from ldm_train.data.buckets import batches_per_rank, bucket_batches, dataset_buckets, histogram
 
 
 def item_seed(seed: int, epoch: int, slot: int) -> int:
@@ -133,6 +133,10 @@ class ResumableLoader(DataLoader):
             dataset = SeededItems(dataset)
         if "sampler" not in kwargs and (found := dataset_buckets(dataset.dataset)) is not None:
             # aspect buckets: batches of one size; only whole batches exist, so drop_last holds anyway
+            if batches_per_rank(found[0], batch_size, 1) == 0:
+                raise ValueError(f"no aspect bucket holds a whole batch of {batch_size} images (images per bucket: "
+                                 f"{histogram(*found)}): lower the batch size, add images, or set "
+                                 "data.aspect_buckets=false")
             kwargs["sampler"], drop_last = BucketSampler(dataset, found[0], batch_size, seed=seed), True
         kwargs.setdefault("sampler", ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last))
         # its own generator: creating an iterator must not draw from the global RNG (training noise comes from it)
