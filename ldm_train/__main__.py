@@ -22,6 +22,12 @@ log = logging.getLogger("ldm_train")
 def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
     validate(cfg)  # before any heavy import: a bad config fails in a second
+    if cfg.data.get("aspect_buckets"):
+        from ldm_train.config import run_dir, size_multiple
+
+        with open_dict(cfg):  # the bucket sides follow what the models of this stage need
+            cfg.data.bucket_multiple = size_multiple(cfg)
+            cfg.data.bucket_report = str(run_dir(cfg) / "buckets.json")
     check_artifacts(cfg)  # the artifact the stage starts from, before any model is built
     from ldm_train.lit.checkpoints import resolve_checkpoint
 

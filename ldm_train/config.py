@@ -15,7 +15,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 log = logging.getLogger(__name__)
 STAGES = ("autoencoder", "calibrate", "diffusion", "sample", "evaluate", "pipeline", "cache_latents", "import",
-          "export")
+          "export", "inspect")
 
 
 class ConfigError(UserError, ValueError):
@@ -86,6 +86,10 @@ def validate(cfg: DictConfig) -> None:
         calibration_sample(cfg)
     if cfg.stage == "autoencoder" and not cfg.autoencoder.get("init_from"):
         resolved_arch(cfg)  # with init_from, the artifact's architecture applies
+    _validate_buckets(cfg)
+    if cfg.diffusion.get("size_conditioning") and cfg.data.name != "folder" and cfg.stage in ("diffusion", "pipeline"):
+        raise ConfigError(f"diffusion.size_conditioning=true needs the images' sizes and crops: data=folder (not "
+                          f"data={cfg.data.name} yet); set diffusion.size_conditioning=false")
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
         raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
     for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
@@ -102,6 +106,11 @@ def validate(cfg: DictConfig) -> None:
         _check_unet_fits(cfg)  # with init_from, the artifact's architecture applies (checked at stage start)
     if cfg.stage in ("autoencoder", "pipeline") and (warning := idle_discriminator_warning(cfg.autoencoder)):
         log.warning(warning)
+    if cfg.diffusion.get("zero_terminal_snr") and cfg.diffusion.prediction_type != "v":
+        # at ᾱ_T = 0 the input is pure noise, so ε = x_T is trivial and x0 cannot be recovered from it
+        raise ConfigError(f"diffusion.zero_terminal_snr=true needs diffusion.prediction_type=v (got "
+                          f"{cfg.diffusion.prediction_type!r}): at SNR 0 an ε-prediction carries no information about "
+                          "the image; set diffusion.prediction_type=v or diffusion.zero_terminal_snr=false")
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
@@ -121,6 +130,17 @@ def idle_discriminator_warning(ae: DictConfig) -> str | None:
     return (f"autoencoder.loss.disc_start={start} >= autoencoder.max_steps={ae.max_steps}: the discriminator you "
             "configured will never run. Lower disc_start, raise max_steps, or set autoencoder.loss.disc_start=null "
             "to train without the adversarial term.")
+
+
+def _validate_buckets(cfg: DictConfig) -> None:
+    if not cfg.data.get("aspect_buckets") or cfg.stage == "inspect":
+        return
+    if cfg.data.name != "folder":
+        raise ConfigError(f"data.aspect_buckets=true is implemented for data=folder only (not data={cfg.data.name} "
+                          "yet); set data.aspect_buckets=false")
+    if cfg.stage == "cache_latents":
+        raise ConfigError("stage=cache_latents stores square latents; aspect buckets are not cached yet: set "
+                          "data.aspect_buckets=false, or train stage 2 from the images (data=folder)")
 
 
 def _validate_distribution(cfg: DictConfig) -> None:
@@ -162,11 +182,18 @@ def check_against_artifact(cfg: DictConfig, artifact: Path, values: dict) -> Non
                               f"{key}= (the artifact's architecture is used) or start from another artifact")
 
 
+def size_multiple(cfg: DictConfig) -> int:
+    """What every image side must divide by: f for stage 1 alone, else f times 2^(levels − 1) (the U-Net's
+    downsamplings of the latent)."""
+    f = int(cfg.f)
+    return f if cfg.stage == "autoencoder" else f * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
 def _check_unet_fits(cfg: DictConfig) -> None:
     """The image must divide by f (the autoencoder) times 2^(levels − 1) (the U-Net's downsamplings of the latent)."""
     f, res = int(cfg.f), int(cfg.data.resolution)
     levels = len(cfg.unet.channel_mult)
-    need = f * 2 ** (levels - 1)
+    need = size_multiple(cfg)
     if res % need:
         near = [r for r in (res // need * need, res // need * need + need) if r > 0]
         raise ConfigError(f"data.resolution={res} does not fit f={f} with a {levels}-level U-Net "

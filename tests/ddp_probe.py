@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ldm_train import __main__ as cli
 from ldm_train.lit import diffusion as lit_diffusion
+from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 from ldm_train.stages import autoencoder as stage1
 from ldm_train.stages import diffusion as stage2
 from ldm_train.stages import pipeline
@@ -71,7 +72,7 @@ class Probe(L.Callback):
             module.parameterization.schedule.q_sample = recorded
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        entry = dict(self.local, images=image_hashes(batch["image"]),
+        entry = dict(self.local, images=image_hashes(batch["image"]), size=list(batch["image"].shape[-2:]),
                      logged_loss=float(trainer.callback_metrics["train/loss"]))
         if self.stage == "stage1":
             entry["g_grad"] = fingerprint(p.grad for p in module.autoencoder.parameters())
@@ -128,7 +129,8 @@ if __name__ == "__main__":
     stage2.build_trainer = with_probe(stage2.build_trainer, "stage2")
     stage1.calibrate_module = recording_calibration(stage1.calibrate_module)
     stage1.save_autoencoder = recording_writes(stage1.save_autoencoder, "autoencoder_artifact")
-    stage2.save_diffusion = recording_writes(stage2.save_diffusion, "diffusion_artifact")
+    # the diffusion artifact is written by the pipeline object (stages/diffusion.py: trained.save)
+    LatentDiffusionPipeline.save = recording_writes(LatentDiffusionPipeline.save, "diffusion_artifact")
     cli.write_run_metrics = recording_writes(cli.write_run_metrics, "pipeline_metrics")
     pipeline.sample_stage.run = recording_writes(pipeline.sample_stage.run, "samples")
     TorchCheckpointIO.save_checkpoint = recording_writes(TorchCheckpointIO.save_checkpoint, "checkpoint")

@@ -191,13 +191,14 @@ def _record_run(monkeypatch, stage_module, cfg, losses: dict, interrupt: int | N
         monkeypatch.setattr(stage_module, "build_trainer", original)
 
 
-def _image_folder(root: Path, n: int = 48) -> Path:
+def _image_folder(root: Path, n: int = 48, sizes: tuple[tuple[int, int], ...] = ((24, 28),)) -> Path:
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
     root.mkdir()
     for i in range(n):
-        arr = (torch.rand(24, 28, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        h, w = sizes[i % len(sizes)]
+        arr = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(root / f"{i:03d}.png")
         (root / f"{i:03d}.txt").write_text(f"image {i}")
     return root
@@ -215,22 +216,28 @@ def _assert_same_final_state(a: dict, b: dict) -> None:
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-def test_autoencoder_resume_is_exact(compose_cfg, monkeypatch, tmp_path):
+@pytest.mark.parametrize("buckets", [False, True])
+def test_autoencoder_resume_is_exact(compose_cfg, monkeypatch, tmp_path, buckets):
     from ldm_train.losses.autoencoder_loss import AutoencoderLoss
     from ldm_train.stages import autoencoder as stage
 
-    folder, steps, k = _image_folder(tmp_path / "images", 24), 8, 5  # k: in the second epoch, after disc_start
+    # buckets: 16x40, 24x28 and 40x16 (h x w) images land in the 12x24, 16x16 and 24x12 buckets (f=4)
+    sizes = ((16, 40), (24, 28), (40, 16)) if buckets else ((24, 28),)
+    folder, steps, k = _image_folder(tmp_path / "images", 24, sizes), 8, 5  # k: in the 2nd epoch, after disc_start
     common = ["stage=autoencoder", "data=folder", f"data.root={folder}", "data.resolution=16", "data.random_crop=true",
               "data.flip=true", "data.num_workers=2", STAGE1_COSINE, "trainer.deterministic=true",
               "autoencoder.batch_size=4", f"autoencoder.max_steps={steps}", "autoencoder.val_every=4",
-              "autoencoder.loss.disc_start=3", "data.min_val_images=1"]  # 23 training images at batch 4: 5 an epoch
+              "autoencoder.loss.disc_start=3", "data.min_val_images=1", f"data.aspect_buckets={buckets}"]
+    # 23 training images at batch 4: 5 batches an epoch (with buckets: 8 + 8 + 7 images → 2 + 2 + 1 batches)
     losses: dict[str, dict] = {"full": {}, "part": {}}
-    current = {"run": "full"}
+    current, shapes = {"run": "full"}, set()
     g_loss, d_loss = AutoencoderLoss.generator_loss, AutoencoderLoss.discriminator_loss
 
     def record_g(self, x, xrec, reg_log, step, last_layer):
         loss, logs = g_loss(self, x, xrec, reg_log, step, last_layer)
         losses[current["run"]][("g", step)] = loss.item()
+        if self.training:
+            shapes.add(tuple(x.shape[-2:]))
         return loss, logs
 
     def record_d(self, x, xrec, step):
@@ -254,6 +261,10 @@ def test_autoencoder_resume_is_exact(compose_cfg, monkeypatch, tmp_path):
 
     full, resumed = losses["full"], losses["part"]
     assert {s for _, s in resumed} == set(range(k + 1, steps))
+    if buckets:
+        hist = json.loads((tmp_path / "full" / "buckets.json").read_text())  # 23: one image is held out
+        assert sum(hist.values()) == 23 and {k for k, v in hist.items() if v} == {"24x12", "16x16", "12x24"}
+        assert shapes == {(12, 24), (16, 16), (24, 12)}  # every training batch came at one bucket's size
     assert {key: full[key] for key in part} == part
     assert {key: full[key] for key in resumed} == resumed
     assert any(kind == "d" for kind, _ in resumed)

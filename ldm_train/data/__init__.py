@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import warnings
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from ldm_train.data.images import CaptionLimit
 
 DATA_NAMES = ("shapes", "folder", "webdataset", "latents")
+log = logging.getLogger(__name__)
 
 
 def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Dataset, Dataset]:
@@ -26,11 +28,16 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
         from ldm_train.data.folder import ImageFolderDataset
 
         common = dict(max_pixels=cfg.get("max_image_pixels", 50_000_000), caption_limit=caption_limit)
-        train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip, **common)
-        val = ImageFolderDataset(cfg.root, cfg.resolution, **common)  # no augmentation: validation must be repeatable
+        train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+                                   buckets=folder_buckets(cfg), **common)
+        # no augmentation (validation must be repeatable) and square crops: validation batches mix aspects
+        val = ImageFolderDataset(cfg.root, cfg.resolution, **common)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_val = folder_val_size(len(train), cfg.val_fraction)
-        return Subset(train, order[n_val:] or order), Subset(val, order[:n_val] or order)
+        train_set = Subset(train, order[n_val:] or order)
+        if train.buckets:
+            report_buckets(train_set, cfg.get("bucket_report"))
+        return train_set, Subset(val, order[:n_val] or order)
     if cfg.name == "webdataset":
         from ldm_train.data.webdataset import image_streams
 
@@ -45,6 +52,31 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
 def folder_val_size(n_images: int, val_fraction: float) -> int:
     """Images of a folder held out for validation: max(1, ⌊n · val_fraction⌋), none of a single image."""
     return max(1, int(n_images * val_fraction)) if n_images > 1 else 0
+
+
+def folder_buckets(cfg) -> list | None:
+    """The bucket sizes of `data.aspect_buckets` (None when off); `data.bucket_multiple` is set at start-up."""
+    if not cfg.get("aspect_buckets"):
+        return None
+    from ldm_train.data.buckets import make_buckets
+
+    return make_buckets(int(cfg.resolution), int(cfg.get("bucket_multiple") or 8), cfg.bucket_aspect_range)
+
+
+def report_buckets(dataset: Dataset, path: str | None) -> dict[str, int]:
+    """Log the training set's bucket histogram and write it (JSON) to `path` when given."""
+    from ldm_train.data.buckets import dataset_buckets, histogram
+
+    bucket_of, sizes = dataset_buckets(dataset)
+    hist = histogram(bucket_of, sizes)
+    log.info("aspect buckets (h x w: training images): %s", hist)
+    if path:
+        from pathlib import Path
+
+        from ldm_train.utils.io import atomic_write_json
+
+        atomic_write_json(Path(path), hist)
+    return hist
 
 
 class EpochLoader(DataLoader):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm_train.data.buckets import Bucket, image_size, nearest_bucket
 from ldm_train.data.images import (
     COUNTS_KEY,
     DEFAULT_MAX_PIXELS,
@@ -32,7 +34,9 @@ def list_images(root: Path, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) ->
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `root` (recursive, sorted) resized and cropped to a square `resolution`.
+    """Images under `root` (recursive, sorted) resized and cropped to a square `resolution`, or with `buckets`
+    to the (h, w) bucket nearest each image's aspect (`bucket_of[i]`, from the file headers; an unreadable header
+    goes to the square bucket and is skipped, and counted, when loaded).
 
     An unreadable file is skipped: the item is served from the next readable file instead, and the skip is
     counted (by reason) in the item's `data_counts` vector, so batch shapes never change.
@@ -47,6 +51,7 @@ class ImageFolderDataset(Dataset):
         extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         caption_limit: CaptionLimit | None = None,
+        buckets: list[Bucket] | None = None,
     ):
         self.root = Path(root)
         self.resolution, self.random_crop, self.flip = resolution, random_crop, flip
@@ -61,6 +66,11 @@ class ImageFolderDataset(Dataset):
         self.files = list_images(self.root, self.extensions)
         if not self.files:
             raise FileNotFoundError(f"no images found in folder '{self.root}'; {expected}")
+        self.buckets = list(buckets) if buckets else None
+        if self.buckets:
+            square = self.buckets.index((resolution, resolution))
+            sizes = [image_size(p) for p in self.files]
+            self.bucket_of = [square if s is None else nearest_bucket(*s, self.buckets) for s in sizes]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -96,7 +106,11 @@ class ImageFolderDataset(Dataset):
         else:
             raise ValueError(f"no readable image in '{self.root}' (first failure: {first_error}); "
                              "remove or replace the broken files")
-        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts)
+        size = self.buckets[self.bucket_of[index]] if self.buckets else None  # the requested item's bucket
+        crop: list[int] = []
+        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts, size=size, crop=crop)
         caption = self.caption(i, counts)
+        # SDXL's micro-conditioning: original size, crop top-left, target size
+        size_cond = torch.tensor([img.height, img.width, *crop, *image.shape[1:]], dtype=torch.float32)
         return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take(),
-                NAMES_KEY: counts.take_names()}
+                NAMES_KEY: counts.take_names(), "size_cond": size_cond}

@@ -138,28 +138,33 @@ def open_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, count
 
 
 def to_tensor(img: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False,
-              counts: Counts | None = None) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square (center or random), maybe flip → (3, r, r) in [-1, 1]."""
-    r = resolution
+              counts: Counts | None = None, size: tuple[int, int] | None = None,
+              crop: list[int] | None = None) -> torch.Tensor:
+    """Resize to cover `size` = (h, w) (default: the square `resolution`; scale = max(h/H, w/W), i.e. the shorter
+    side to `resolution` for a square), crop it (center or random), maybe flip → (3, h, w) in [-1, 1].
+    `crop`, when given, receives the crop's [top, left] in the resized image (size conditioning)."""
+    bh, bw = size or (resolution, resolution)
     w, h = img.size
-    if min(w, h) < r and counts is not None:
+    scale = max(bh / h, bw / w)
+    if scale > 1 and counts is not None:
         counts.add("small_upscaled")
-    scale = r / min(w, h)
-    # max(r, ...) guards against rounding the shorter side to r - 1.
-    nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+    # max(...) guards against rounding a side to one pixel below the crop.
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
     # PIL's resize filters widen their support when downscaling, i.e. they antialias.
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     if random_crop:
         # torch RNG so DataLoader workers get distinct, seedable crops.
-        left = int(torch.randint(nw - r + 1, ()).item())
-        top = int(torch.randint(nh - r + 1, ()).item())
+        left = int(torch.randint(nw - bw + 1, ()).item())
+        top = int(torch.randint(nh - bh + 1, ()).item())
     else:
-        left, top = (nw - r) // 2, (nh - r) // 2
-    img = img.crop((left, top, left + r, top + r))
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+    img = img.crop((left, top, left + bw, top + bh))
+    if crop is not None:
+        crop[:] = [top, left]
     if flip and torch.rand(()).item() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, r, r)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- captions

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ldm_train.data.buckets import batches_per_rank, bucket_batches, dataset_buckets, histogram
+
 
 def item_seed(seed: int, epoch: int, slot: int) -> int:
     """A seed for the sample at position `slot` (over all ranks) of epoch `epoch`."""
@@ -89,6 +91,34 @@ class ResumableSampler(DistributedSampler):
         return iter([(i, item_seed(self.seed, self.epoch, s)) for i, s in zip(indices[skip:], slots)])
 
 
+class BucketSampler(ResumableSampler):
+    """ResumableSampler over aspect buckets: every run of `batch_size` consecutive keys is one batch of one bucket.
+
+    The epoch's batches (`bucket_batches`: seeded by seed and epoch, the same on every rank) are dealt round-robin:
+    global step k is batches k·W … k·W + W−1, rank r takes batch k·W + r. Every rank gets `batches_per_rank`
+    batches, no item comes twice in an epoch, and `skip` (samples of this rank) resumes mid-epoch as before.
+    """
+
+    def __init__(self, dataset: Dataset, bucket_of: list[int], batch_size: int, seed: int = 0):
+        super().__init__(dataset, shuffle=True, seed=seed, drop_last=True)
+        self.bucket_of, self.batch_size = list(bucket_of), int(batch_size)
+
+    def __len__(self) -> int:
+        self._follow_world()
+        return batches_per_rank(self.bucket_of, self.batch_size, self.num_replicas) * self.batch_size
+
+    def __iter__(self):
+        self._follow_world()
+        world, rank, size = self.num_replicas, self.rank, self.batch_size
+        batches = bucket_batches(self.bucket_of, size, self.seed, self.epoch)
+        keys = []
+        for k in range(batches_per_rank(self.bucket_of, size, world)):
+            slot = (k * world + rank) * size
+            keys += [(i, item_seed(self.seed, self.epoch, slot + j)) for j, i in enumerate(batches[k * world + rank])]
+        skip, self.skip = self.skip, 0
+        return iter(keys[skip:])
+
+
 class ResumableLoader(DataLoader):
     """A shuffling training DataLoader whose position in the epoch is saved in Lightning checkpoints.
 
@@ -101,6 +131,13 @@ class ResumableLoader(DataLoader):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed  # L.seed_everything sets it
         if not isinstance(dataset, SeededItems):
             dataset = SeededItems(dataset)
+        if "sampler" not in kwargs and (found := dataset_buckets(dataset.dataset)) is not None:
+            # aspect buckets: batches of one size; only whole batches exist, so drop_last holds anyway
+            if batches_per_rank(found[0], batch_size, 1) == 0:
+                raise ValueError(f"no aspect bucket holds a whole batch of {batch_size} images (images per bucket: "
+                                 f"{histogram(*found)}): lower the batch size, add images, or set "
+                                 "data.aspect_buckets=false")
+            kwargs["sampler"], drop_last = BucketSampler(dataset, found[0], batch_size, seed=seed), True
         kwargs.setdefault("sampler", ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last))
         # its own generator: creating an iterator must not draw from the global RNG (training noise comes from it)
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))

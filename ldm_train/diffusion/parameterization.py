@@ -104,5 +104,6 @@ def build_parameterization(diffusion: dict) -> Parameterization:
     if kind not in PARAMETERIZATIONS:
         raise ValueError(f"unknown diffusion.prediction_type {kind!r}; valid: {', '.join(PARAMETERIZATIONS)}")
     schedule = NoiseSchedule.from_name(diffusion["schedule"], diffusion["num_timesteps"],
-                                       beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"])
+                                       beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"],
+                                       zero_terminal_snr=bool(diffusion.get("zero_terminal_snr", False)))
     return PARAMETERIZATIONS[kind](schedule)

@@ -2,9 +2,11 @@
 
 One function per sampler, one signature (k-diffusion's convention):
     sampler(model_fn, x, schedule, steps, *, eta, generator, t_start, callback) -> x0
-`model_fn(x, t) -> ε` with x (B, C, H, W) and t a LongTensor (B,); guidance and the parameterisation live in the
-caller's wrapper (guidance.py). x starts at t = T−1 (or t_start, img2img: pre-noised by the caller). The step after
-the last grid timestep goes to ᾱ = 1 (clean data) and adds no noise. callback(i, t, x) runs after step i.
+`model_fn(x, t) -> ε` with x (B, C, H, W) and t a LongTensor (B,), or `-> (ε, x0)` when the wrapper knows its
+parameterisation (guidance.py, `with_x0=True`): then x0 is never recovered by dividing by √ᾱ_t, which a
+zero-terminal-SNR schedule (ᾱ_{T−1} = 0) requires. Guidance and the parameterisation live in the caller's wrapper.
+x starts at t = T−1 (or t_start, img2img: pre-noised by the caller). The step after the last grid timestep goes to
+ᾱ = 1 (clean data) and adds no noise. callback(i, t, x) runs after step i.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from .schedules import NoiseSchedule
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -85,9 +87,14 @@ def _grid(schedule: NoiseSchedule, steps: int, t_start: int | None, spacing: str
 
 
 def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε, x0) at grid timestep t: x0 = (x − √(1−ᾱ_t)·ε) / √ᾱ_t."""
-    eps = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-    return eps, (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    """(ε, x0) at grid timestep t: as the model_fn gives them, or x0 = (x − √(1−ᾱ_t)·ε) / √ᾱ_t."""
+    out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+    if isinstance(out, tuple):
+        return out
+    if a_t <= 0:
+        raise ValueError(f"ᾱ_t = 0 at t={t} (a zero-terminal-SNR schedule): x0 cannot be recovered from ε there; "
+                         "pass a model_fn that returns (ε, x0), e.g. cfg_model_fn(..., with_x0=True)")
+    return out, (x - math.sqrt(1 - a_t) * out) / math.sqrt(a_t)
 
 
 @torch.no_grad()
@@ -173,7 +180,9 @@ def _dpmpp_2m_step(
         return x0, x0, None
     alpha, sigma = math.sqrt(a_t), math.sqrt(1 - a_t)
     alpha_p, sigma_p = math.sqrt(a_prev), math.sqrt(1 - a_prev)
-    h = math.log(alpha_p / sigma_p) - math.log(alpha / sigma)
+    # ᾱ_t = 0 (zero terminal SNR): λ = −∞, h = ∞, and the step is x' = σ'·x + α'·D (first order, exact limit)
+    lam = math.log(alpha / sigma) if alpha > 0 else -math.inf
+    h = math.log(alpha_p / sigma_p) - lam
     d = x0
     if old_x0 is not None and old_h is not None:
         # linear extrapolation of the data prediction in λ, first step stays first order

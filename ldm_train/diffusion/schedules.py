@@ -17,8 +17,12 @@ def make_betas(
     num_timesteps: int = 1000,
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
 ) -> torch.Tensor:
-    """Betas (T,) float64: linear, scaled_linear = linspace(√b0, √b1)², or cosine."""
+    """Betas (T,) float64: linear, scaled_linear = linspace(√b0, √b1)², or cosine; with zero_terminal_snr,
+    rescaled by `rescale_zero_terminal_snr` so that ᾱ_{T−1} = 0."""
+    if zero_terminal_snr:
+        return rescale_zero_terminal_snr(make_betas(schedule, num_timesteps, beta_start, beta_end))
     T = num_timesteps
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -35,6 +39,19 @@ def make_betas(
         # near u=1 f→0 and betas→1, which would make ᾱ_T exactly 0 (infinite -log SNR)
         return betas.clamp(max=0.999)
     raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last step has SNR 0 (Lin et al. 2024, "Common Diffusion Noise Schedules are Flawed", Alg. 1).
+
+    √ᾱ is shifted so its last value is 0 and scaled so its first is unchanged:
+    √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}); then β'_t = 1 − ᾱ'_t / ᾱ'_{t−1} (β'_0 = β_0, β'_{T−1} = 1).
+    """
+    sqrt_ab = torch.cumprod(1 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    ab = ((sqrt_ab - last) * (first / (first - last))) ** 2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
 
 
 class NoiseSchedule:

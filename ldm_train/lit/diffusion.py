@@ -70,7 +70,7 @@ class DiffusionModule(L.LightningModule):
         return LatentDiffusionPipeline(self.first_stage, ema["unet"], text, self.parameterization, pipe.config)
 
     def diffusion_loss(self, z0: torch.Tensor, context: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, size_cond: torch.Tensor | None = None) -> torch.Tensor:
         """MSE between the network output and the parameterisation's target at uniform t, optionally min-SNR-γ
         weighted. t and the noise come from `generator` when given (validation), else from the global RNG."""
         c, param = self.cfg, self.parameterization
@@ -85,7 +85,7 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             zt = zt.contiguous(memory_format=torch.channels_last)
         net = self._compiled[0] if self._compiled and self.training and not self.counting_flops else self.unet
-        out = net(zt, t, context)
+        out = net(zt, t, context) if size_cond is None else net(zt, t, context, size_cond=size_cond)
         target = param.target(z0, t, noise)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
         if c["min_snr_gamma"]:
@@ -105,10 +105,17 @@ class DiffusionModule(L.LightningModule):
             return self.text_encoder.with_null(ctx, drop)
         return self.text_encoder(list(batch["caption"]), labels=batch.get("label"), drop=drop)
 
+    def size_condition(self, batch: dict, drop: torch.Tensor | None) -> torch.Tensor | None:
+        """The batch's (B, 6) size conditioning with the CFG-dropped rows zeroed; None without size conditioning."""
+        if not self.cfg.get("size_conditioning"):
+            return None
+        sc = batch["size_cond"].float()
+        return sc if drop is None else sc * (~drop.bool()).to(sc)[:, None]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         z0 = self.batch_latents(self.first_stage, batch)  # scaled latents (B, C, h, w)
         drop = cfg_drop_mask(len(z0), self.cfg["cfg_dropout"], z0.device, self.force_drop)
-        loss = self.diffusion_loss(z0, self.condition(batch, drop))
+        loss = self.diffusion_loss(z0, self.condition(batch, drop), size_cond=self.size_condition(batch, drop))
         logs = mean_logs_over_ranks({"loss": loss, "cfg_drop_fraction": drop.float().mean()}, z0.device)
         self.log("train/loss", logs["loss"], batch_size=len(z0))  # over the global batch
         self.log("bar/loss", logs["loss"], prog_bar=True, logger=False, batch_size=len(z0))
@@ -142,7 +149,8 @@ class DiffusionModule(L.LightningModule):
         z0 = self.batch_latents(self.first_stage, batch, sample=False)
         # its own generator: validation never touches (or reseeds) a global CPU or CUDA generator
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)
-        loss = self.diffusion_loss(z0, self.condition(batch, None), generator=gen)
+        loss = self.diffusion_loss(z0, self.condition(batch, None), generator=gen,
+                                   size_cond=self.size_condition(batch, None))
         self.log("val/loss", loss, sync_dist=True, batch_size=len(z0))
 
     def on_validation_epoch_end(self) -> None:

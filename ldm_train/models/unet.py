@@ -39,6 +39,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
     return emb
 
 
+def size_features(size_cond: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's micro-conditioning features: each of the K numbers (original h, w, crop top, left, target h, w)
+    through `timestep_embedding`, concatenated: (B, K) -> (B, K·dim)."""
+    return timestep_embedding(size_cond.flatten(), dim).view(size_cond.shape[0], -1)
+
+
 def _norm_widths(model_channels: int, channel_mult: list[int], num_res_blocks: int) -> list[int]:
     """Every GroupNorm width the U-Net will contain, mirroring UNet.__init__'s skip bookkeeping."""
     widths = [model_channels * m for m in channel_mult]
@@ -205,6 +211,7 @@ class UNet(nn.Module):
         num_heads: int | None = None,
         flip_sin_to_cos: bool = False,
         upcast_attention: bool = False,
+        size_conditioning: bool = False,
     ):
         super().__init__()
         channel_mult = list(channel_mult)
@@ -227,6 +234,9 @@ class UNet(nn.Module):
 
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # size conditioning: Fourier features of 6 numbers, embedded like t and added to its embedding
+        self.size_embed = nn.Sequential(nn.Linear(6 * model_channels, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim)) if size_conditioning else None
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         def stage(in_ch: int, out_ch: int, attn: bool) -> nn.ModuleList:
@@ -310,8 +320,10 @@ class UNet(nn.Module):
             h = self._run(layer, h, emb, context)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) or scalar, context (B, L, context_dim) -> (B, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
+                size_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) or scalar, context (B, L, context_dim) -> (B, out_channels, H, W); size_cond (B, 6)
+        with size conditioning (zeros: dropped)."""
         b, _, height, width = x.shape
         div = 2 ** (self.num_levels - 1)
         if height % div or width % div:
@@ -331,6 +343,11 @@ class UNet(nn.Module):
             t = t.expand(b)
         t_emb = timestep_embedding(t, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos)  # (B, mc)
         emb = self.time_embed(t_emb.to(dtype))  # (B, 4·mc)
+        if self.size_embed is not None:
+            if size_cond is None or size_cond.shape != (b, 6):
+                raise ValueError(f"this U-Net is size-conditioned and needs size_cond (B={b}, 6): original h, w, "
+                                 f"crop top, left, target h, w; got {None if size_cond is None else size_cond.shape}")
+            emb = emb + self.size_embed(size_features(size_cond.to(x.device), self.model_channels).to(dtype))
         context = None if context is None else context.to(dtype)
 
         h = self.conv_in(x.to(dtype))  # (B, mc, H, W)

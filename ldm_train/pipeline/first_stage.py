@@ -137,9 +137,13 @@ class FirstStage(nn.Module):
         """Scaled latents → images in [-1, 1] (clamped); VQ quantizes them first (`Autoencoder.decode_latent`)."""
         return self.autoencoder.decode_latent(z / self.scale_factor).clamp(-1, 1)
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        r = resolution // self.f
-        return (self.latent_channels, r, r)
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, height/f, width/f) of the latent of a height × width image (width defaults to height)."""
+        f, width = self.f, height if width is None else width
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not divisible by the autoencoder's f={f}; "
+                             f"use multiples of {f}")
+        return (self.latent_channels, height // f, width // f)
 
     @torch.no_grad()
     def health_check(self, x: torch.Tensor | None, std_range: tuple[float, float],

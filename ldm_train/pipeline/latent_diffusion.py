@@ -24,14 +24,17 @@ from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diff
 from ldm_train.pipeline.first_stage import FirstStage
 
 SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed", "timestep_spacing", "steps_offset",
-                 "final_alpha_one")
-# the inference grid of artifacts written before these keys existed (today's grid)
-GRID_DEFAULTS = {"timestep_spacing": "trailing", "steps_offset": 0, "final_alpha_one": True}
+                 "final_alpha_one", "guidance_rescale", "height", "width")
+# the sampling settings of artifacts written before these keys existed (today's grid, no rescale, the training size)
+GRID_DEFAULTS = {"timestep_spacing": "trailing", "steps_offset": 0, "final_alpha_one": True, "guidance_rescale": 0.0}
 
 
-def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int) -> nn.Module:
+def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int,
+                   size_conditioning: bool = False) -> nn.Module:
     """The denoising network of a `unet` config, checked against the latents and the text encoder's width."""
     cfg = dict(unet_cfg)
+    if size_conditioning:
+        cfg["size_conditioning"] = True
     if cfg["context_dim"] != context_dim:
         raise ConfigError(f"unet.context_dim={cfg['context_dim']} but the text encoder's width is {context_dim}; "
                           "leave unet.context_dim=${text_encoder.dim} or set it to the encoder's width")
@@ -55,6 +58,17 @@ def with_local_paths(config: dict, artifact: Path) -> dict:
     if isinstance(name, str) and not Path(name).is_absolute() and (Path(artifact) / name).is_dir():
         return {**config, "text_encoder": {**config["text_encoder"], "name_or_path": str(Path(artifact) / name)}}
     return config
+
+
+def size_conditioned(net: nn.Module, values: list[float], n: int):
+    """net(x, t, context) with size_cond = `values` for the n conditional rows, zeros for an unconditional half."""
+    cond = torch.tensor(values, dtype=torch.float32).expand(n, -1)
+
+    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sc = cond if x.shape[0] == n else torch.cat([torch.zeros_like(cond), cond])  # [uncond, cond] batches
+        return net(x, t, context=context, size_cond=sc.to(x.device))
+
+    return call
 
 
 class LatentDiffusionPipeline:
@@ -84,7 +98,8 @@ class LatentDiffusionPipeline:
     def build(cls, first_stage: FirstStage, config: dict) -> LatentDiffusionPipeline:
         """Fresh (untrained) denoiser and text encoder for `config` (see `artifact_config`)."""
         text_encoder = build_text_encoder(config["text_encoder"])
-        denoiser = build_denoiser(config["unet"], first_stage.latent_channels, text_encoder.dim)
+        denoiser = build_denoiser(config["unet"], first_stage.latent_channels, text_encoder.dim,
+                                  bool(config["diffusion"].get("size_conditioning", False)))
         return cls(first_stage, denoiser, text_encoder, build_parameterization(config["diffusion"]), config)
 
     @classmethod
@@ -138,22 +153,30 @@ class LatentDiffusionPipeline:
                  negative_prompt: str = "", labels: torch.Tensor | None = None,
                  init_image: torch.Tensor | None = None, strength: float = 1.0,
                  resolution: int | None = None, timestep_spacing: str | None = None,
-                 steps_offset: int | None = None, final_alpha_one: bool | None = None) -> torch.Tensor:
+                 steps_offset: int | None = None, final_alpha_one: bool | None = None,
+                 guidance_rescale: float | None = None, height: int | None = None, width: int | None = None,
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0)
+                 ) -> torch.Tensor:
         """One image per prompt (repeat prompts for more), in [-1, 1], shape (N, 3, H, W).
 
-        Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The unconditional CFG
-        branch is the negative prompt's encoding, or the null conditioning when it is empty. img2img: `init_image`
-        (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there; strength 0 returns its
-        reconstruction, strength 1 ignores it.
+        Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The image is height ×
+        width (each defaults to `resolution`, else the training resolution), e.g. an aspect bucket's size. The
+        unconditional CFG branch is the negative prompt's encoding, or the null conditioning when it is empty.
+        img2img: `init_image` (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there;
+        strength 0 returns its reconstruction, strength 1 ignores it. A size-conditioned model is told
+        `original_size` (default: the target size) and `crop_top_left` (default: no crop); the unconditional CFG
+        branch gets zeros, as in training's dropout.
         """
         given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta, seed=seed,
-                     timestep_spacing=timestep_spacing, steps_offset=steps_offset, final_alpha_one=final_alpha_one)
+                     timestep_spacing=timestep_spacing, steps_offset=steps_offset, final_alpha_one=final_alpha_one,
+                     guidance_rescale=guidance_rescale, height=height, width=width)
         s = {**self.sampling, **{k: v for k, v in given.items() if v is not None}}
         device, n = self.device, len(prompts)
         gen = torch.Generator(device="cpu").manual_seed(int(s["seed"]))
         context = self.text_encoder(list(prompts), labels=labels)  # (N, L, D)
         null = self.text_encoder.unconditional(negative_prompt, n)
-        shape = (n, *self.first_stage.latent_shape(resolution or self.resolution))
+        side = resolution or self.resolution
+        shape = (n, *self.first_stage.latent_shape(int(s["height"] or side), int(s["width"] or side)))
         x = torch.randn(shape, generator=gen).to(device)
         t_start = None
         if init_image is not None:
@@ -164,8 +187,13 @@ class LatentDiffusionPipeline:
                 T = self.parameterization.num_timesteps
                 t_start = min(T - 1, max(0, round(strength * T) - 1))
                 x = self.parameterization.noised(z0, torch.full((n,), t_start, dtype=torch.long, device=device), x)
-        model_fn = cfg_model_fn(self.denoiser, context, null.to(context.dtype), float(s["guidance_scale"]),
-                                self.parameterization)
+        net = self.denoiser
+        if getattr(net, "size_embed", None) is not None:
+            h, w = shape[-2] * self.first_stage.f, shape[-1] * self.first_stage.f
+            net = size_conditioned(net, [*(original_size or (h, w)), *crop_top_left, h, w], n)
+        model_fn = cfg_model_fn(net, context, null.to(context.dtype), float(s["guidance_scale"]),
+                                self.parameterization, guidance_rescale=float(s["guidance_rescale"] or 0.0),
+                                with_x0=True)
         z = get_sampler(s["sampler"])(model_fn, x, self.parameterization.schedule, int(s["steps"]),
                                       eta=float(s["eta"]), generator=gen, t_start=t_start,
                                       timestep_spacing=s["timestep_spacing"], steps_offset=int(s["steps_offset"]),

@@ -1,0 +1,99 @@
+"""Aspect-ratio buckets: a set of (height, width) sizes of about equal area, and which one each image goes to.
+
+Sizes are multiples of `multiple` (what the models need: f for stage 1, f·2^(levels−1) for stage 2, see
+`ldm_train.config.size_multiple`) with area close to resolution² and aspect w/h within [min_aspect, max_aspect].
+An image of size (H, W) goes to the bucket it loses least of when resized to cover the bucket and center-cropped:
+kept fraction = min(a_b/a, a/a_b) for aspects a = W/H, a_b = w/h (ties: the smaller resize).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+Bucket = tuple[int, int]  # (height, width)
+
+
+def make_buckets(resolution: int, multiple: int, aspect_range: Sequence[float] = (0.5, 2.0)) -> list[Bucket]:
+    """(h, w) sizes, sorted by aspect w/h: for every width w = k·multiple ≥ resolution, h = the multiple nearest
+    resolution²/w, and its transpose (w, h); each kept when its aspect w/h lies in aspect_range. Always holds
+    (resolution, resolution)."""
+    lo, hi = float(aspect_range[0]), float(aspect_range[1])
+    if not 0 < lo <= 1 <= hi:
+        raise ValueError(f"data.bucket_aspect_range={list(aspect_range)} must satisfy 0 < min ≤ 1 ≤ max (aspect = "
+                         "width/height), e.g. [0.5, 2.0]")
+    if resolution % multiple:
+        raise ValueError(f"data.resolution={resolution} is not a multiple of {multiple}")
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    for w in range(resolution, int(resolution * math.sqrt(max(hi, 1 / lo))) + 2 * multiple, multiple):
+        h = max(multiple, round(area / w / multiple) * multiple)
+        sizes.update(s for s in ((h, w), (w, h)) if lo - 1e-9 <= s[1] / s[0] <= hi + 1e-9)
+    return sorted(sizes, key=lambda b: (b[1] / b[0], b[0]))
+
+
+def kept_fraction(height: int, width: int, bucket: Bucket) -> float:
+    """The fraction of the image that survives a cover-resize and crop to `bucket`: min(a_b/a, a/a_b)."""
+    a, a_b = width / height, bucket[1] / bucket[0]
+    return min(a_b / a, a / a_b)
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> int:
+    """Index of the bucket that crops least of an (height, width) image; ties go to the smaller resize."""
+    def cost(i: int) -> tuple[float, float]:
+        h, w = buckets[i]
+        return (-round(kept_fraction(height, width, buckets[i]), 9), abs(math.log(max(h / height, w / width))))
+
+    return min(range(len(buckets)), key=cost)
+
+
+def histogram(assigned: Iterable[int], buckets: Sequence[Bucket]) -> dict[str, int]:
+    """{"HxW": images} over all buckets (empty ones included), in bucket order."""
+    n = Counter(assigned)
+    return {f"{h}x{w}": n.get(i, 0) for i, (h, w) in enumerate(buckets)}
+
+
+def image_size(path) -> tuple[int, int] | None:
+    """(height, width) of an image file as `open_image` will orient it (EXIF rotations swap the sides), read from
+    its header only; None when the header cannot be read (the file is skipped, and counted, when it is loaded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            swap = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: transposed or rotated by 90°
+    except Exception:  # any header failure: the loader reports the reason
+        return None
+    return (w, h) if swap else (h, w)
+
+
+def dataset_buckets(dataset) -> tuple[list[int], list[Bucket]] | None:
+    """(bucket index of each item, bucket sizes) of a bucketed dataset or a Subset of one; None otherwise."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = dataset_buckets(dataset.dataset)
+        return None if inner is None else ([inner[0][i] for i in dataset.indices], inner[1])
+    if getattr(dataset, "buckets", None):
+        return list(dataset.bucket_of), list(dataset.buckets)
+    return None
+
+
+def bucket_batches(bucket_of: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches: a permutation seeded by (seed, epoch), grouped by bucket in that order, cut into
+    batches of `batch_size` (each bucket's incomplete last batch is left out this epoch), the batches shuffled."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    groups: dict[int, list[int]] = {}
+    for i in torch.randperm(len(bucket_of), generator=g).tolist():
+        groups.setdefault(bucket_of[i], []).append(i)
+    batches = [idx[k:k + batch_size] for _, idx in sorted(groups.items())
+               for k in range(0, len(idx) - batch_size + 1, batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def batches_per_rank(bucket_of: Sequence[int], batch_size: int, world_size: int) -> int:
+    """Batches every rank gets per epoch: ⌊(Σ_b ⌊n_b / B⌋) / W⌋ (the same on every rank and every epoch)."""
+    return sum(n // batch_size for n in Counter(bucket_of).values()) // world_size
