@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from ldm_train.config import ConfigError
-from ldm_train.diffusion.guidance import cfg_model_fn
 from ldm_train.diffusion.parameterization import Parameterization, build_parameterization
-from ldm_train.diffusion.samplers import get_sampler
 from ldm_train.models.text import Conditioner, build_text_encoder
 from ldm_train.models.unet import UNet
 from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
@@ -109,8 +107,9 @@ class LatentDiffusionPipeline:
 
         Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The unconditional CFG
         branch is the negative prompt's encoding, or the null conditioning when it is empty. img2img: `init_image`
-        (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there; strength 0 returns its
-        reconstruction, strength 1 ignores it.
+        (N or 1, 3, H, W) is encoded, noised to the objective's time for `strength` (t = strength·T for ddpm,
+        t = strength for flow) and denoised from there; strength 0 returns its reconstruction, strength 1 ignores it.
+        `sampler` auto is the objective's default (ddim for ddpm, euler for flow).
         """
         s = {**self.sampling, **{k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                                         eta=eta, seed=seed).items() if v is not None}}
@@ -120,17 +119,16 @@ class LatentDiffusionPipeline:
         null = self.text_encoder.unconditional(negative_prompt, n)
         shape = (n, *self.first_stage.latent_shape(resolution or self.resolution))
         x = torch.randn(shape, generator=gen).to(device)
-        t_start = None
+        t_start, param = None, self.parameterization
+        sampler = param.sampler(s["sampler"])  # refuses a sampler of the other objective before any work
         if init_image is not None:
             z0 = self.first_stage.encode(init_image.to(device).expand(n, -1, -1, -1), sample=False)
             if strength <= 0:
                 return self.first_stage.decode(z0)
             if strength < 1:
-                T = self.parameterization.num_timesteps
-                t_start = min(T - 1, max(0, round(strength * T) - 1))
-                x = self.parameterization.noised(z0, torch.full((n,), t_start, dtype=torch.long, device=device), x)
-        model_fn = cfg_model_fn(self.denoiser, context, null.to(context.dtype), float(s["guidance_scale"]),
-                                self.parameterization)
-        z = get_sampler(s["sampler"])(model_fn, x, self.parameterization.schedule, int(s["steps"]),
-                                      eta=float(s["eta"]), generator=gen, t_start=t_start)
+                t_start = param.start_time(strength)
+                x = param.noised(z0, param.time_batch(t_start, n, device), x)
+        model_fn = param.guided_model_fn(self.denoiser, context, null.to(context.dtype), float(s["guidance_scale"]))
+        z = sampler(model_fn, x, param.schedule, int(s["steps"]), eta=float(s["eta"]), generator=gen,
+                    t_start=t_start)
         return self.first_stage.decode(z)

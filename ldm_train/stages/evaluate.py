@@ -124,7 +124,8 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
             k = min(8, len(images))
             grid = save_grid(images[:k], run_dir(cfg) / "evaluate" / "samples.png", nrow=1, captions=captions[:k],
                              scale=max(1, 64 // config["resolution"]))
-    metrics = {"eval_samples": n, "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
+    metrics = {"eval_samples": n, "eval_sampler": pipe.parameterization.sampler_name(cfg.sampling.sampler),
+               "eval_steps": cfg.sampling.steps,
                "eval_guidance_scale": float(cfg.sampling.guidance_scale)}
     if fd is not None:
         metrics[features.fid_key] = float(fd.compute())
