@@ -116,16 +116,18 @@ def _validate_distribution(cfg: DictConfig) -> None:
 
 
 def _check_unet_fits(cfg: DictConfig) -> None:
-    """The image must divide by f (the autoencoder) times 2^(levels − 1) (the U-Net's downsamplings of the latent)."""
+    """The image must divide by f (the autoencoder) times the multiple the denoiser needs of the latent
+    (2^(levels − 1) for a U-Net, the patch size for a DiT)."""
+    from ldm_train.models.denoisers import latent_multiple
+
     f, res = int(cfg.f), int(cfg.data.resolution)
-    levels = len(cfg.unet.channel_mult)
-    need = f * 2 ** (levels - 1)
+    multiple, why = latent_multiple(OmegaConf.to_container(cfg.unet, resolve=True))
+    need = f * multiple
     if res % need:
         near = [r for r in (res // need * need, res // need * need + need) if r > 0]
-        raise ConfigError(f"data.resolution={res} does not fit f={f} with a {levels}-level U-Net "
-                          f"(unet.channel_mult={list(cfg.unet.channel_mult)}): the latent (resolution/f) must be "
-                          f"divisible by {2 ** (levels - 1)}, so the image by {need}; use data.resolution="
-                          f"{' or '.join(map(str, near))}, or fewer U-Net levels")
+        raise ConfigError(f"data.resolution={res} does not fit f={f} with this denoiser: {why}, so the latent "
+                          f"(resolution/f) must be divisible by {multiple}, and the image by {need}; use "
+                          f"data.resolution={' or '.join(map(str, near))}, or a smaller unet option")
 
 
 def _gpu_run(cfg: DictConfig) -> bool:

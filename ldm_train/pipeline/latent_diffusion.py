@@ -16,8 +16,8 @@ from torch import nn
 
 from ldm_train.config import ConfigError
 from ldm_train.diffusion.parameterization import Parameterization, build_parameterization
+from ldm_train.models.denoisers import build_network
 from ldm_train.models.text import Conditioner, build_text_encoder
-from ldm_train.models.unet import UNet
 from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
 from ldm_train.pipeline.first_stage import FirstStage
 
@@ -25,7 +25,8 @@ SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "seed")
 
 
 def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int) -> nn.Module:
-    """The denoising network of a `unet` config, checked against the latents and the text encoder's width."""
+    """The denoising network of a `unet` config (U-Net or DiT, by `kind`), checked against the latents and the text
+    encoder's width."""
     cfg = dict(unet_cfg)
     if cfg["context_dim"] != context_dim:
         raise ConfigError(f"unet.context_dim={cfg['context_dim']} but the text encoder's width is {context_dim}; "
@@ -34,7 +35,7 @@ def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_di
     if in_channels != latent_channels:
         raise ConfigError(f"unet.in_channels={in_channels} but the autoencoder's latents have {latent_channels} "
                           "channels; remove the override (it follows the artifact)")
-    return UNet(in_channels=latent_channels, **cfg)
+    return build_network(cfg, latent_channels)
 
 
 class LatentDiffusionPipeline:
