@@ -91,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_distribution(cfg)
     if cfg.stage in ("diffusion", "pipeline"):
         _check_unet_fits(cfg)
+        _check_objective(cfg)
     disc = cfg.autoencoder.loss.disc
     if cfg.stage in ("autoencoder", "pipeline") and disc.norm == "batch" and cfg.autoencoder.batch_size < 2:
         raise ConfigError("a BatchNorm discriminator cannot train at batch size 1: set autoencoder.batch_size>=2 "
@@ -128,6 +129,16 @@ def _check_unet_fits(cfg: DictConfig) -> None:
         raise ConfigError(f"data.resolution={res} does not fit f={f} with this denoiser: {why}, so the latent "
                           f"(resolution/f) must be divisible by {multiple}, and the image by {need}; use "
                           f"data.resolution={' or '.join(map(str, near))}, or a smaller unet option")
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """The objective builds and `sampling.sampler` applies to it: refused before training, not at the first grid."""
+    from ldm_train.diffusion.parameterization import build_parameterization
+
+    try:
+        build_parameterization(OmegaConf.to_container(cfg.diffusion, resolve=True)).sampler(cfg.sampling.sampler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _gpu_run(cfg: DictConfig) -> bool:

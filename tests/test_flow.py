@@ -171,3 +171,15 @@ def test_ddim_on_the_flow_path_is_euler():
     torch.testing.assert_close(ddim, x + (t2 - t) * v)
     assert math.isclose(FlowSchedule(1.0).grid(1)[0], 1.0)
     assert np.isfinite(one_step.numpy()).all()
+
+
+def test_start_up_refuses_a_sampler_of_the_other_objective(compose_cfg, tmp_path):
+    from ldm_train.config import ConfigError, validate
+
+    base = ["experiment=smoke", "stage=diffusion", "diffusion.objective=flow", f"paths.run_dir={tmp_path}"]
+    validate(compose_cfg(base))  # sampler auto → euler
+    validate(compose_cfg([*base, "sampling.sampler=heun"]))
+    with pytest.raises(ConfigError, match="sampler 'dpmpp_2m' does not apply to diffusion.objective=flow"):
+        validate(compose_cfg([*base, "sampling.sampler=dpmpp_2m"]))
+    with pytest.raises(ConfigError, match="unknown diffusion.objective 'edm'"):
+        validate(compose_cfg([*base, "diffusion.objective=edm"]))
