@@ -58,7 +58,7 @@ def resolved_arch(cfg: DictConfig) -> dict:
         reg_arch.update(sample=reg["sample"])
     arch = dict(f=int(cfg.f), in_channels=ae.in_channels, resolution=cfg.data.resolution, ch=ae.ch,
                 num_res_blocks=ae.num_res_blocks, num_groups=ae.num_groups, dropout=ae.dropout,
-                z_channels=table["z_channels"], ch_mult=list(table["ch_mult"]),
+                z_channels=int(ae.get("z_channels") or table["z_channels"]), ch_mult=list(table["ch_mult"]),
                 attn_resolutions=list(table["attn_resolutions"]), regularizer=reg_arch)
     f = 2 ** (len(arch["ch_mult"]) - 1)
     if f != arch["f"]:

@@ -247,3 +247,9 @@ def test_main_returns_the_stage_headline_metric():
     assert headline("autoencoder", {"psnr": 31.5, "ssim": 0.9}) == 31.5
     assert headline("diffusion", {"steps": 12}) is None  # no val/loss: nothing to optimise
     assert headline("calibrate", {"scale_factor": 1.2}) is None  # no headline metric declared
+
+
+def test_z_channels_override_reaches_the_architecture(compose_cfg, tmp_path):
+    base = ["stage=autoencoder", "f=4", f"paths.run_dir={tmp_path}"]
+    assert resolved_arch(compose_cfg(base))["z_channels"] == _table(4)["kl"]["z_channels"]
+    assert resolved_arch(compose_cfg([*base, "autoencoder.z_channels=8"]))["z_channels"] == 8

@@ -40,7 +40,10 @@ def collect(sweep: Path) -> tuple[list[dict], list[str]]:
             metrics.setdefault(f"{cfg.stage}_train_seconds", metrics.get("train_seconds"))
             metrics.setdefault(f"{cfg.stage}_ms_per_step", 1000 * metrics.get("train_seconds", 0) / metrics["steps"])
         rows.append({"job": job.name, "f": int(cfg.f), "regularizer": str(cfg.regularizer.name),
-                     "stage": str(cfg.stage), "logger": OmegaConf.to_container(cfg.logger), "metrics": metrics})
+                     "stage": str(cfg.stage), "logger": OmegaConf.to_container(cfg.logger), "metrics": metrics,
+                     # the stage-2 choices of issue 19's sweeps (absent in configs from before them)
+                     "backbone": str(OmegaConf.select(cfg, "unet.kind", default="unet")),
+                     "objective": str(OmegaConf.select(cfg, "diffusion.objective", default="ddpm"))})
     rows.sort(key=lambda r: (r["regularizer"], r["f"]))
     return rows, skipped
 
