@@ -72,11 +72,11 @@ def user_path(path: str) -> Path:
 
 def check_samplers(cfg: DictConfig) -> None:
     """The sampler the run will use (`sampling.sampler`: sample, validation, evaluation) is one the framework has."""
-    from ldm_train.diffusion.samplers import SAMPLERS
+    from ldm_train.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS
 
-    value = cfg.sampling.sampler
-    if value not in SAMPLERS:
-        raise ConfigError(f"unknown sampler sampling.sampler={value!r}; valid: {', '.join(SAMPLERS)}")
+    value, known = cfg.sampling.sampler, ["auto", *SAMPLERS, *FLOW_SAMPLERS]
+    if value not in known:  # which of them fits the model's objective is checked where the objective is known
+        raise ConfigError(f"unknown sampler sampling.sampler={value!r}; valid: {', '.join(known)}")
 
 
 def check_img2img(cfg: DictConfig) -> None:

@@ -60,7 +60,7 @@ def resolved_arch(cfg: DictConfig) -> dict:
     table = OmegaConf.to_container(ae.arch, resolve=True)
     arch = dict(f=int(cfg.f), in_channels=ae.in_channels, resolution=cfg.data.resolution, ch=ae.ch,
                 num_res_blocks=ae.num_res_blocks, num_groups=ae.num_groups, dropout=ae.dropout,
-                z_channels=table["z_channels"], ch_mult=list(table["ch_mult"]),
+                z_channels=int(ae.get("z_channels") or table["z_channels"]), ch_mult=list(table["ch_mult"]),
                 attn_resolutions=list(table["attn_resolutions"]),
                 regularizer=regularizer_class(reg["name"]).arch_entries(reg, table))
     f = downsample_factor(arch["ch_mult"])
@@ -104,6 +104,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_distribution(cfg)
     if cfg.stage in ("diffusion", "pipeline") and not cfg.diffusion.get("init_from"):
         _check_unet_fits(cfg)  # with init_from, the artifact's architecture applies (checked at stage start)
+    if cfg.stage in ("diffusion", "pipeline"):
+        _check_objective(cfg)
     if cfg.stage in ("autoencoder", "pipeline") and (warning := idle_discriminator_warning(cfg.autoencoder)):
         log.warning(warning)
     if cfg.diffusion.get("zero_terminal_snr") and cfg.diffusion.prediction_type != "v":
@@ -183,23 +185,37 @@ def check_against_artifact(cfg: DictConfig, artifact: Path, values: dict) -> Non
 
 
 def size_multiple(cfg: DictConfig) -> int:
-    """What every image side must divide by: f for stage 1 alone, else f times 2^(levels − 1) (the U-Net's
-    downsamplings of the latent)."""
+    """What every image side must divide by: f for stage 1 alone, else f times what the denoiser needs of the
+    latent (2^(levels − 1) for a U-Net, the patch size for a DiT)."""
+    from ldm_train.models.denoisers import latent_multiple
+
     f = int(cfg.f)
-    return f if cfg.stage == "autoencoder" else f * 2 ** (len(cfg.unet.channel_mult) - 1)
+    return f if cfg.stage == "autoencoder" else f * latent_multiple(OmegaConf.to_container(cfg.unet, resolve=True))[0]
 
 
 def _check_unet_fits(cfg: DictConfig) -> None:
-    """The image must divide by f (the autoencoder) times 2^(levels − 1) (the U-Net's downsamplings of the latent)."""
+    """The image must divide by f (the autoencoder) times the multiple the denoiser needs of the latent
+    (2^(levels − 1) for a U-Net, the patch size for a DiT)."""
+    from ldm_train.models.denoisers import latent_multiple
+
     f, res = int(cfg.f), int(cfg.data.resolution)
-    levels = len(cfg.unet.channel_mult)
-    need = size_multiple(cfg)
+    multiple, why = latent_multiple(OmegaConf.to_container(cfg.unet, resolve=True))
+    need = f * multiple
     if res % need:
         near = [r for r in (res // need * need, res // need * need + need) if r > 0]
-        raise ConfigError(f"data.resolution={res} does not fit f={f} with a {levels}-level U-Net "
-                          f"(unet.channel_mult={list(cfg.unet.channel_mult)}): the latent (resolution/f) must be "
-                          f"divisible by {2 ** (levels - 1)}, so the image by {need}; use data.resolution="
-                          f"{' or '.join(map(str, near))}, or fewer U-Net levels")
+        raise ConfigError(f"data.resolution={res} does not fit f={f} with this denoiser: {why}, so the latent "
+                          f"(resolution/f) must be divisible by {multiple}, and the image by {need}; use "
+                          f"data.resolution={' or '.join(map(str, near))}, or a smaller unet option")
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """The objective builds and `sampling.sampler` applies to it: refused before training, not at the first grid."""
+    from ldm_train.diffusion.parameterization import build_parameterization
+
+    try:
+        build_parameterization(OmegaConf.to_container(cfg.diffusion, resolve=True)).sampler(cfg.sampling.sampler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _gpu_run(cfg: DictConfig) -> bool:

@@ -201,8 +201,9 @@ class Bench:
 
         unet_cfg = yaml.safe_load((CONF_DIR / "unet/small.yaml").read_text())
         unet_cfg.update(context_dim=384, in_channels=3)
+        unet_cfg.pop("kind")
         torch.manual_seed(0)
-        unet = _ours(UNet(**unet_cfg), self.device)
+        unet = _ours(UNet(in_channels=3, **unet_cfg), self.device)
         # a stand-in for the quickstart's MiniLM (same 384 width): the text encoder is not what is measured here
         text = build_text_encoder({"name": "scratch", "dim": 384, "depth": 1, "heads": 4}).to(self.device).eval()
         first = FirstStage(Autoencoder(QUICK_AE).to(self.device).eval(),

@@ -272,3 +272,9 @@ def test_idle_discriminator_warns_at_start(compose_cfg, caplog, overrides, idle)
     assert bool(warned) == idle
     if idle:
         assert "the discriminator you configured will never run" in warned[0]
+
+
+def test_z_channels_override_reaches_the_architecture(compose_cfg, tmp_path):
+    base = ["stage=autoencoder", "f=4", f"paths.run_dir={tmp_path}"]
+    assert resolved_arch(compose_cfg(base))["z_channels"] == _table(4)["kl"]["z_channels"]
+    assert resolved_arch(compose_cfg([*base, "autoencoder.z_channels=8"]))["z_channels"] == 8

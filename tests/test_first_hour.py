@@ -41,8 +41,8 @@ def image_folder(root: Path, n: int) -> Path:
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (("f=3",), "error: invalid f=3: valid downsampling factors are"),
-    (("stage=sample", "sampling.sampler=euler"),
-     "error: unknown sampler sampling.sampler='euler'; valid: ddpm, ddim, dpmpp_2m"),
+    (("stage=sample", "sampling.sampler=lms"),
+     "error: unknown sampler sampling.sampler='lms'; valid: auto, ddpm, ddim, dpmpp_2m, euler, heun"),
     (("stage=diffusion",), "error: no autoencoder artifact at"),
 ])
 def test_a_mistake_prints_one_line_and_exits_2(tmp_path, overrides, message):
@@ -138,13 +138,13 @@ def test_a_small_folder_is_refused_with_the_fraction_that_fits(tmp_path):
 
 def test_sampling_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="unknown sampler"):
-        checked("stage=sample", "sampling.sampler=euler")
+        checked("stage=sample", "sampling.sampler=lms")
     with pytest.raises(ConfigError, match=r"strength=1.5 is outside \[0, 1\]"):
         checked("stage=sample", "strength=1.5")
     with pytest.raises(ConfigError, match="init_image=.*no such file"):
         checked("stage=sample", f"init_image={tmp_path / 'x.png'}")
     with pytest.raises(ConfigError, match="unknown sampler sampling.sampler"):
-        checked("stage=diffusion", "sampling.sampler=euler")  # validation grids sample with it too
+        checked("stage=diffusion", "sampling.sampler=lms")  # validation grids sample with it too
 
 
 def test_shards_must_exist_and_feed_every_reader(tmp_path):

@@ -58,3 +58,26 @@ def cfg_model_fn(
         return (eps, parameterization.to_x0(x, t, out)) if with_x0 else eps
 
     return model_fn
+
+
+def cfg_velocity_fn(
+    net: Callable[..., torch.Tensor],
+    context: torch.Tensor,
+    null_context: torch.Tensor,
+    guidance_scale: float,
+    model_time: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_fn(x, t) -> guided velocity v = v_u + s·(v_c − v_u) for the flow samplers, from net(x, model_time(t),
+    context=...) -> v. At fixed (x, t), ε and x0 are affine in v with one coefficient pair for both branches, so
+    guiding v is guiding ε. null_context may have batch 1; one batched call (uncond first) per step."""
+    if null_context.shape[0] == 1 and context.shape[0] != 1:
+        null_context = null_context.expand(context.shape[0], *null_context.shape[1:])
+    ctx_in = torch.cat([null_context, context])  # (2B, L, D), uncond first
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance_scale == 1.0:
+            return net(x, model_time(t), context=context)
+        v_u, v_c = net(torch.cat([x, x]), model_time(torch.cat([t, t])), context=ctx_in).chunk(2)
+        return cfg_combine(v_u, v_c, guidance_scale)
+
+    return model_fn

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .schedules import NoiseSchedule
+from .schedules import FlowSchedule, NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -190,3 +190,46 @@ def _dpmpp_2m_step(
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
     x = (sigma_p / sigma) * x - alpha_p * math.expm1(-h) * d
     return x, x0, h
+
+
+# ------------------------------------------------------------------------------------------- rectified flow
+# Same signature, over a FlowSchedule: `model_fn(x, t) -> velocity v = dx/dt` with t a float tensor (B,) in [0, 1];
+# x starts at t = 1 (or t_start) and the ODE dx/dt = v is integrated down to t = 0. `eta` and `generator` are
+# ignored (deterministic ODE solvers). callback(i, t, x) runs after step i.
+
+
+def _velocity(model_fn: ModelFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    return model_fn(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device))
+
+
+@torch.no_grad()
+def euler(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSchedule, steps: int = 50, *, eta: float = 0.0,
+          generator: torch.Generator | None = None, t_start: float | None = None,
+          callback: Callback | None = None) -> torch.Tensor:
+    """Euler: x' = x + (t' − t)·v(x, t); first order, one network call per step."""
+    ts = schedule.grid(steps, t_start)
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        x = x + (t_next - t) * _velocity(model_fn, x, t)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+@torch.no_grad()
+def heun(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSchedule, steps: int = 50, *, eta: float = 0.0,
+         generator: torch.Generator | None = None, t_start: float | None = None,
+         callback: Callback | None = None) -> torch.Tensor:
+    """Heun (explicit trapezoid): x̃ = x + h·v(x, t), x' = x + h/2·(v(x, t) + v(x̃, t')), h = t' − t; second order,
+    two network calls per step (the velocity is defined at t = 0, so the last step is Heun too)."""
+    ts = schedule.grid(steps, t_start)
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        h = t_next - t
+        v = _velocity(model_fn, x, t)
+        v_next = _velocity(model_fn, x + h * v, t_next)
+        x = x + (h / 2) * (v + v_next)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+FLOW_SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun}

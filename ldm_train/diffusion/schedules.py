@@ -131,3 +131,36 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     device = generator.device if generator is not None else noise.device
     extra = torch.randn(shape, generator=generator, device=device, dtype=noise.dtype)
     return noise + strength * extra.to(noise.device)
+
+
+class FlowSchedule:
+    """Time grid of the rectified-flow ODE x_t = (1−t)·x0 + t·ε, integrated from t = 1 (noise) to t = 0 (data).
+
+    `shift` warps a uniform grid towards the noise end, t' = shift·t / (1 + (shift−1)·t) (SD3, Esser et al. 2024,
+    who use shift 3 at 1024 px); shift 1 is the uniform grid.
+    """
+
+    def __init__(self, shift: float = 1.0) -> None:
+        if shift <= 0:
+            raise ValueError(f"diffusion.flow.shift must be positive, got {shift}")
+        self.shift = float(shift)
+
+    def warp(self, t: float) -> float:
+        """t' = shift·t / (1 + (shift−1)·t)."""
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def grid(self, steps: int, t_start: float | None = None) -> list[float]:
+        """Descending times [t_0, …, t_k = 0]: the warped uniform grid of `steps` intervals from 1.
+
+        With t_start (img2img) only the grid points below t_start are kept and t_start is put first, so the first
+        model call sees exactly the noise level the caller used; fewer than `steps` intervals are run.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        ts = [self.warp(1 - i / steps) for i in range(steps + 1)]
+        ts[-1] = 0.0
+        if t_start is None:
+            return ts
+        if not 0 < t_start <= 1:
+            raise ValueError(f"t_start must be in (0, 1], got {t_start}")
+        return [float(t_start)] + [t for t in ts if t < t_start]

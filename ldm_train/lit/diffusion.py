@@ -71,7 +71,7 @@ class DiffusionModule(L.LightningModule):
 
     def diffusion_loss(self, z0: torch.Tensor, context: torch.Tensor,
                        generator: torch.Generator | None = None, size_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """MSE between the network output and the parameterisation's target at uniform t, optionally min-SNR-γ
+        """MSE between the network output and the parameterisation's target at its training t, optionally min-SNR-γ
         weighted. t and the noise come from `generator` when given (validation), else from the global RNG."""
         c, param = self.cfg, self.parameterization
         t = param.sample_timesteps(z0.shape[0], z0.device, generator)
@@ -85,7 +85,8 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             zt = zt.contiguous(memory_format=torch.channels_last)
         net = self._compiled[0] if self._compiled and self.training and not self.counting_flops else self.unet
-        out = net(zt, t, context) if size_cond is None else net(zt, t, context, size_cond=size_cond)
+        out = net(zt, param.model_time(t), context) if size_cond is None else \
+            net(zt, param.model_time(t), context, size_cond=size_cond)
         target = param.target(z0, t, noise)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
         if c["min_snr_gamma"]:

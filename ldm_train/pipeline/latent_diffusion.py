@@ -15,11 +15,9 @@ import torch
 from torch import nn
 
 from ldm_train.config import ConfigError
-from ldm_train.diffusion.guidance import cfg_model_fn
 from ldm_train.diffusion.parameterization import Parameterization, build_parameterization
-from ldm_train.diffusion.samplers import get_sampler
+from ldm_train.models.denoisers import build_network
 from ldm_train.models.text import Conditioner, build_text_encoder
-from ldm_train.models.unet import UNet
 from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
 from ldm_train.pipeline.first_stage import FirstStage
 
@@ -31,7 +29,8 @@ GRID_DEFAULTS = {"timestep_spacing": "trailing", "steps_offset": 0, "final_alpha
 
 def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_dim: int,
                    size_conditioning: bool = False) -> nn.Module:
-    """The denoising network of a `unet` config, checked against the latents and the text encoder's width."""
+    """The denoising network of a `unet` config (U-Net or DiT, by `kind`), checked against the latents and the text
+    encoder's width."""
     cfg = dict(unet_cfg)
     if size_conditioning:
         cfg["size_conditioning"] = True
@@ -42,7 +41,7 @@ def build_denoiser(unet_cfg: Mapping[str, Any], latent_channels: int, context_di
     if in_channels != latent_channels:
         raise ConfigError(f"unet.in_channels={in_channels} but the autoencoder's latents have {latent_channels} "
                           "channels; remove the override (it follows the artifact)")
-    return UNet(in_channels=latent_channels, **cfg)
+    return build_network(cfg, latent_channels)
 
 
 def sampling_settings(sampling: Mapping[str, Any]) -> dict:
@@ -162,10 +161,11 @@ class LatentDiffusionPipeline:
         Sampling settings left at None take the pipeline's defaults (`config["sampling"]`). The image is height ×
         width (each defaults to `resolution`, else the training resolution), e.g. an aspect bucket's size. The
         unconditional CFG branch is the negative prompt's encoding, or the null conditioning when it is empty.
-        img2img: `init_image` (N or 1, 3, H, W) is encoded, noised to t = strength·T and denoised from there;
-        strength 0 returns its reconstruction, strength 1 ignores it. A size-conditioned model is told
-        `original_size` (default: the target size) and `crop_top_left` (default: no crop); the unconditional CFG
-        branch gets zeros, as in training's dropout.
+        img2img: `init_image` (N or 1, 3, H, W) is encoded, noised to the objective's time for `strength`
+        (t = strength·T for ddpm, t = strength for flow) and denoised from there; strength 0 returns its
+        reconstruction, strength 1 ignores it. `sampler` auto is the objective's default (ddim for ddpm, euler for
+        flow). A size-conditioned model is told `original_size` (default: the target size) and `crop_top_left`
+        (default: no crop); the unconditional CFG branch gets zeros, as in training's dropout.
         """
         given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta, seed=seed,
                      timestep_spacing=timestep_spacing, steps_offset=steps_offset, final_alpha_one=final_alpha_one,
@@ -178,24 +178,21 @@ class LatentDiffusionPipeline:
         side = resolution or self.resolution
         shape = (n, *self.first_stage.latent_shape(int(s["height"] or side), int(s["width"] or side)))
         x = torch.randn(shape, generator=gen).to(device)
-        t_start = None
+        t_start, param = None, self.parameterization
+        sampler = param.sampler(s["sampler"])  # refuses a sampler of the other objective before any work
         if init_image is not None:
             z0 = self.first_stage.encode(init_image.to(device).expand(n, -1, -1, -1), sample=False)
             if strength <= 0:
                 return self.first_stage.decode(z0)
             if strength < 1:
-                T = self.parameterization.num_timesteps
-                t_start = min(T - 1, max(0, round(strength * T) - 1))
-                x = self.parameterization.noised(z0, torch.full((n,), t_start, dtype=torch.long, device=device), x)
+                t_start = param.start_time(strength)
+                x = param.noised(z0, param.time_batch(t_start, n, device), x)
         net = self.denoiser
         if getattr(net, "size_embed", None) is not None:
             h, w = shape[-2] * self.first_stage.f, shape[-1] * self.first_stage.f
             net = size_conditioned(net, [*(original_size or (h, w)), *crop_top_left, h, w], n)
-        model_fn = cfg_model_fn(net, context, null.to(context.dtype), float(s["guidance_scale"]),
-                                self.parameterization, guidance_rescale=float(s["guidance_rescale"] or 0.0),
-                                with_x0=True)
-        z = get_sampler(s["sampler"])(model_fn, x, self.parameterization.schedule, int(s["steps"]),
-                                      eta=float(s["eta"]), generator=gen, t_start=t_start,
-                                      timestep_spacing=s["timestep_spacing"], steps_offset=int(s["steps_offset"]),
-                                      final_alpha_one=bool(s["final_alpha_one"]))
+        model_fn = param.guided_model_fn(net, context, null.to(context.dtype), float(s["guidance_scale"]),
+                                         guidance_rescale=float(s["guidance_rescale"] or 0.0))
+        z = sampler(model_fn, x, param.schedule, int(s["steps"]), eta=float(s["eta"]), generator=gen,
+                    t_start=t_start, **param.grid_options(s))
         return self.first_stage.decode(z)

@@ -77,7 +77,8 @@ def run(cfg: DictConfig) -> dict:
     stats = first_stage.health_check(probe.get("image"), tuple(d.latent_std_range), latents)
     log.info("latent health check passed: scaled mean %.3f std %.3f (scale_factor %.5f)", stats["scaled_mean"],
              stats["scaled_std"], stats["scale_factor"])
-    log.info("U-Net %.2fM parameters; text encoder %s (dim %d, %s)", sum(p.numel() for p in unet.parameters()) / 1e6,
+    log.info("denoiser (%s) %.2fM parameters; text encoder %s (dim %d, %s)", cfg.unet.get("kind", "unet"),
+             sum(p.numel() for p in unet.parameters()) / 1e6,
              cfg.text_encoder.name, text_encoder.dim, "trained jointly" if text_encoder.trainable else "frozen")
     alignment = None
     if cfg.data.name == "shapes":

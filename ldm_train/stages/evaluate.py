@@ -127,7 +127,8 @@ def evaluate_diffusion(cfg: DictConfig, features: FeatureNetwork | None) -> tupl
                                caption_alignment if shapes else None) for r in range(int(cfg.eval.get("seeds", 1)))]
     gen = over_seeds(runs)  # mean, and <key>_std over the repeats when eval.seeds > 1
     metrics = {"eval_samples": int(gen.pop("samples")), "eval_seeds": int(gen.pop("seeds")),
-               "eval_sampler": cfg.sampling.sampler, "eval_steps": cfg.sampling.steps,
+               "eval_sampler": pipe.parameterization.sampler_name(cfg.sampling.sampler),
+               "eval_steps": cfg.sampling.steps,
                "eval_guidance_scale": float(cfg.sampling.guidance_scale),
                **{f"eval_{k}" if k.startswith("samples_per_second") else k: v for k, v in gen.items()}}
     return metrics, grid[0]
