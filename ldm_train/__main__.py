@@ -23,7 +23,7 @@ def run(cfg: DictConfig) -> dict:
     """Validate the config and run its stage; returns the stage's metrics (for sweepers)."""
     validate(cfg)  # before any heavy import: a bad config fails in a second
     if cfg.data.get("aspect_buckets"):
-        from ldm_train.config import run_dir, size_multiple
+        from ldm_train.config import size_multiple
 
         with open_dict(cfg):  # the bucket sides follow what the models of this stage need
             cfg.data.bucket_multiple = size_multiple(cfg)

@@ -175,7 +175,7 @@ def test_diffusion_module_force_drop_conditions_on_null(first_stage):
     null = enc.null(4)
     seen = []
 
-    def fake_loss(z0, context):
+    def fake_loss(z0, context, size_cond=None):
         seen.append((z0, context))
         return context.sum() * 0
 
