@@ -69,7 +69,8 @@ def report_user_error(err: UserError, cfg: DictConfig) -> None:
     removed (a failed check must not leave an empty `outputs/<stage>/<name>/<time>/` behind)."""
     log.debug("user error", exc_info=err)  # the traceback stays available at debug level
     print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-    remove_empty_run_dir(run_dir(cfg))
+    if not in_multirun():  # a sweep's job folder keeps its config: the report names the failed job by it
+        remove_empty_run_dir(run_dir(cfg))
 
 
 def remove_empty_run_dir(folder: Path) -> bool:
@@ -89,12 +90,22 @@ def remove_empty_run_dir(folder: Path) -> bool:
     return True
 
 
+def in_multirun() -> bool:
+    """Whether this job is one of a `-m` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         return headline(cfg.stage, run(cfg))
     except (UserError, MissingMandatoryValue) as err:  # a mistake the user can fix: one line, exit status 2
         report_user_error(err, cfg)
+        if in_multirun():
+            raise  # Hydra records this job as failed and the sweep goes on; its report row says why
         sys.exit(USER_ERROR_EXIT)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (within them, lit/resume.py saves a checkpoint)
         print("interrupted outside the training steps: nothing was saved now (earlier checkpoints are kept)",

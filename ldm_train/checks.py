@@ -50,7 +50,8 @@ def check_artifacts(cfg: DictConfig) -> None:
     from ldm_train.config import autoencoder_dir, diffusion_dir
     from ldm_train.pipeline.artifacts import load_autoencoder, read_calibration, read_diffusion
 
-    if cfg.stage in ("calibrate", "diffusion", "cache_latents"):
+    if cfg.stage in ("calibrate", "diffusion", "cache_latents") and not (
+            cfg.stage == "diffusion" and cfg.diffusion.get("init_from")):  # init_from brings its own autoencoder
         artifact = autoencoder_dir(cfg)
         if not (artifact / "model.safetensors").is_file() or not (artifact / "config.yaml").is_file():
             load_autoencoder(artifact, cfg.f, cfg.regularizer.name)  # raises the "train it first with …" error

@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _sd_tiny():
+    """The tests' tiny SD builder (tests/sd_tiny.py), loaded by path: the benchmark reuses it, not a copy."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sd_tiny", ROOT / "tests" / "sd_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # diffusers' defaults otherwise
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -35,7 +44,7 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 def build_sd15(folder: Path) -> None:
     """A randomly initialised SD-1.5-size pipeline saved in diffusers' layout (letter tokenizer: no CLIP vocab)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from sd_tiny import SCHEDULER, tiny_tokenizer
+    SCHEDULER, tiny_tokenizer = _sd_tiny().SCHEDULER, _sd_tiny().tiny_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(folder / "_tok")
@@ -117,7 +126,7 @@ def main() -> None:
         if args.size == "sd15":
             build_sd15(tmp / "src")
         else:
-            from sd_tiny import tiny_sd
+            tiny_sd = _sd_tiny().tiny_sd
 
             tiny_sd(tmp / "src")
         print(f"source pipeline built and saved in {time.perf_counter() - start:.1f} s (not part of the figures)")

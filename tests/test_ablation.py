@@ -227,10 +227,3 @@ def test_wandb_runs_named_grouped_and_summarised(compose_cfg, tmp_path, monkeypa
     assert seen["recon_psnr"] == 30.5 and "nested" not in seen
 
 
-def test_rows_carry_backbone_and_objective(tmp_path):
-    fake_job(tmp_path, "0_pipeline_kl_f4", 4, "kl", {"caption_alignment": 0.9})
-    cfg = OmegaConf.load(tmp_path / "0_pipeline_kl_f4" / ".hydra" / "config.yaml")
-    cfg.unet, cfg.diffusion = {"kind": "dit"}, {"objective": "flow"}
-    OmegaConf.save(cfg, tmp_path / "0_pipeline_kl_f4" / ".hydra" / "config.yaml")
-    rows, _ = collect(tmp_path)
-    assert (rows[0]["backbone"], rows[0]["objective"]) == ("dit", "flow")

@@ -31,6 +31,7 @@ def test_buckets_on_two_processes(tmp_path):
            f"autoencoder.max_steps={steps}", "autoencoder.val_every=100", "autoencoder.val_batches=1",
            "autoencoder.loss.disc.norm=group", "data=folder", f"data.root={root}", "data.resolution=16",
            "data.aspect_buckets=true", "data.flip=false", "data.num_workers=0", "data.val_fraction=0.2",
+           "data.min_val_images=1",
            f"paths.artifacts={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env(tmp_path / "probe"), capture_output=True, text=True,
                          timeout=600)

@@ -100,7 +100,7 @@ def test_cache_of_another_autoencoder_is_refused(tmp_path):
     save_file(weights, str(other / "model.safetensors"))
     with pytest.raises(CacheError, match="stage=cache_latents f=4 regularizer=kl"):
         check_cache(read_info(latents_cfg(out)), FirstStage.from_artifact(other))
-    cfg = compose_cfg(["experiment=smoke", "logger=none", "stage=diffusion", "data=latents",
+    cfg = compose_cfg(["experiment=smoke", "logger=none", "stage=diffusion", "data=latents", "data.num_workers=0",
                        f"data.urls={out}/train-000000.tar", f"autoencoder.path={other}",
                        f"paths.run_dir={tmp_path / 'run'}"])
     with pytest.raises(CacheError, match="content hash"):

@@ -142,7 +142,7 @@ def test_diffusion_nonfinite_steps_are_skipped_then_stop(compose_cfg, smoke_auto
 
     loss_fn, calls = DiffusionModule.diffusion_loss, {"n": 0}
 
-    def poisoned(self, z0, context):
+    def poisoned(self, z0, context, generator=None, size_cond=None):
         loss = loss_fn(self, z0, context)
         if self.training:
             calls["n"] += 1
@@ -174,7 +174,7 @@ def test_autoencoder_nonfinite_step_skips_both_optimizers(compose_cfg, monkeypat
 
     g_loss = AutoencoderLoss.generator_loss
 
-    def poisoned(self, x, xrec, reg_log, step, last_layer):
+    def poisoned(self, x, xrec, reg_log, step, last_layer, size_cond=None):
         loss, logs = g_loss(self, x, xrec, reg_log, step, last_layer)
         return (loss * float("nan"), logs) if step in (1, 5) else (loss, logs)
 
@@ -329,7 +329,8 @@ def test_a_checkpoint_of_another_architecture_fails_in_one_line(compose_cfg):
     def module(*overrides):
         cfg = compose_cfg(["experiment=smoke", *overrides])
         loss = OmegaConf.to_container(cfg.autoencoder.loss, resolve=True)
-        return AutoencoderModule(resolved_arch(cfg), loss, 1e-6, 1e-3, channels_last=False)
+        return AutoencoderModule(resolved_arch(cfg), loss, 1e-6, 1e-3,
+                                 OmegaConf.to_container(cfg.autoencoder.optimizer, resolve=True), channels_last=False)
 
     ours, theirs = module(), module("autoencoder.ch=32")
     state = theirs.state_dict()

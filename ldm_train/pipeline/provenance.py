@@ -26,7 +26,7 @@ NOT_SHAPING = {
     "diffusion": ("compile", "val_every", "val_prompts", "val_n_per_prompt", "eval_samples", "latent_std_range"),
 }
 # How long a stage trains: continuing a run with a larger max_steps is a legitimate resume (ckpt_path only).
-TRAINING_LENGTH = ("max_steps", "max_time")
+TRAINING_LENGTH = ("max_steps", "max_time", "lr_scheduler")  # the schedule spans max_steps
 # Data keys naming where the data lives: made absolute so the same folder compares equal from any launch folder.
 DATA_LOCATIONS = ("root", "urls", "val_urls", "info")
 
