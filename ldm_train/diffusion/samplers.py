@@ -97,6 +97,11 @@ def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, a_t: float) -> tuple[to
     return out, (x - math.sqrt(1 - a_t) * out) / math.sqrt(a_t)
 
 
+def _with_noise(mean: torch.Tensor, var: float, generator: torch.Generator | None) -> torch.Tensor:
+    """mean + √var·z, z ~ N(0, I) from `generator` (the stochastic part of the DDIM and DDPM steps)."""
+    return mean + math.sqrt(var) * _noise_like(mean, generator) if var > 0 else mean
+
+
 @torch.no_grad()
 def ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
          generator: torch.Generator | None = None, t_start: int | None = None,
@@ -107,9 +112,7 @@ def ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int
     for i, t, a_t, a_prev in _grid(schedule, steps, t_start, timestep_spacing, steps_offset, final_alpha_one):
         eps, x0 = _predict(model_fn, x, t, a_t)
         var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
-        if var > 0:
-            x = x + math.sqrt(var) * _noise_like(x, generator)
+        x = _with_noise(math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps, var, generator)
         if callback is not None:
             callback(i, t, x)
     return x
@@ -128,9 +131,7 @@ def ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int
         c0 = math.sqrt(a_prev) * beta / (1 - a_t)
         ct = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
         var = (1 - a_prev) / (1 - a_t) * beta  # β̃
-        x = c0 * x0 + ct * x
-        if var > 0:
-            x = x + math.sqrt(var) * _noise_like(x, generator)
+        x = _with_noise(c0 * x0 + ct * x, var, generator)
         if callback is not None:
             callback(i, t, x)
     return x
