@@ -108,3 +108,69 @@ def test_stage2_optimizer_and_warmup_come_from_the_config_node():
     r3 = math.sqrt(3) / 4  # ½·cos(π/6)
     expected = [1 / 3, 2 / 3, 1.0, 1.0, 0.5 + r3, 0.75, 0.5, 0.25, 0.5 - r3, 0.0]
     assert lrs == pytest.approx([0.5 * e for e in expected], abs=1e-12)
+
+
+# ------------------------------------------------------------------ schedule_to_time: the schedule ends at the clock
+
+
+@pytest.mark.parametrize(("step", "elapsed", "remaining", "max_steps", "expected"), [
+    (100, 50.0, 50.0, 1000, 200),    # 2 steps/s, 50 s left → 100 more steps
+    (100, 50.0, 1000.0, 1000, 1000),  # a fast machine keeps max_steps
+    (100, 50.0, -3.0, 1000, 100),    # past the deadline: the schedule ends now
+    (0, 0.0, 50.0, 1000, 1000),      # no rate yet
+])
+def test_projected_total_by_hand(step, elapsed, remaining, max_steps, expected):
+    from ldm_train.lit.optim import projected_total
+
+    assert projected_total(step, elapsed, remaining, max_steps) == expected
+
+
+class _FakeTimer:
+    """A lightning Timer whose clock the test sets."""
+
+    def __init__(self, duration: float):
+        self.duration, self.now = duration, 0.0
+
+    def time_elapsed(self, stage="train"):
+        return self.now
+
+    def time_remaining(self, stage="train"):
+        return self.duration - self.now
+
+
+@pytest.mark.parametrize("steps_per_batch", [1, 2])
+def test_schedule_to_time_ends_the_cosine_where_the_clock_stops(monkeypatch, steps_per_batch):
+    """At 1 s per batch with a 100 s budget, a warm-up + cosine schedule written for 1000 batches ends at batch
+    100: the LR at batch 55 equals the hand value of warmup_cosine(55, 10, 100) (0.5), not of (55, 10, 1000)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import ldm_train.lit.optim as optim
+    from ldm_train.lit.optim import ScheduleToTime, warmup_cosine
+
+    monkeypatch.setattr(optim, "Timer", _FakeTimer)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lam = optim.as_partial({"_target_": "ldm_train.lit.optim.warmup_cosine", "_partial_": True,
+                            "warmup": 10, "total": 1000})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    timer = _FakeTimer(duration=100.0)
+    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=1000 * steps_per_batch,
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+    callback = ScheduleToTime(steps_per_batch)
+    for batch in range(55):
+        opt.step()
+        sched.step()
+        trainer.global_step, timer.now = (batch + 1) * steps_per_batch, float(batch + 1)
+        callback.on_train_batch_end(trainer, None, None, None, batch)
+    assert callback.total == 100
+    assert opt.param_groups[0]["lr"] == pytest.approx(warmup_cosine(55, 10, 100), abs=1e-12)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5, abs=1e-12)  # the hand value: half-way through
+
+
+def test_schedule_to_time_is_off_by_default_and_on_in_the_quickstart(compose_cfg):
+    """Off by default (a cluster job's max_time is a stop-and-resume point, not the schedule's end)."""
+    default = compose_cfg([])
+    quick = compose_cfg(["experiment=quickstart"])
+    assert not default.autoencoder.schedule_to_time and not default.diffusion.schedule_to_time
+    assert quick.autoencoder.schedule_to_time and quick.diffusion.schedule_to_time

@@ -7,12 +7,14 @@ parameters, the learning rate (the stage's `lr`, scaled when `scale_lr`) and `fu
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, Timer
 
 
 def as_partial(spec: dict | Callable) -> Callable:
@@ -52,3 +54,57 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def projected_total(step: int, elapsed: float, remaining: float, max_steps: int) -> int:
+    """Steps the run will reach: `step` plus what the time left allows at the rate so far (step/elapsed, which
+    includes validation), never more than `max_steps`."""
+    if step <= 0 or elapsed <= 0:
+        return max_steps
+    return int(min(max_steps, step + max(0.0, remaining) * step / elapsed))
+
+
+def retarget(scheduler, total: int) -> bool:
+    """Point every LambdaLR multiplier that takes a `total` (the schedule's length) at `total`; False if none."""
+    lambdas = getattr(scheduler, "lr_lambdas", [])
+    changed = False
+    for i, fn in enumerate(lambdas):
+        if isinstance(fn, functools.partial) and "total" in fn.keywords:
+            lambdas[i] = functools.partial(fn.func, *fn.args, **{**fn.keywords, "total": total})
+            changed = True
+    return changed
+
+
+class ScheduleToTime(Callback):
+    """`<stage>.schedule_to_time: true` with a `max_time`: the LR schedule ends where the clock will stop the run.
+
+    A run capped by `max_time` on a machine slower than its `max_steps` assumed would stop halfway through a
+    cosine decay (LR still high). Every `every` steps, the schedules' `total` becomes the step the run will reach
+    at its rate so far (capped by `max_steps`); a fast machine keeps `max_steps`. Off by default: a cluster job
+    that uses `max_time` to stop before its wall time and resume later wants the full schedule.
+    """
+
+    def __init__(self, steps_per_batch: int = 1, every: int = 10, warm: int = 10):
+        """`steps_per_batch`: optimizer steps Lightning counts per batch (2 in stage 1, whose schedules count
+        batches)."""
+        self.per_batch, self.every, self.warm = steps_per_batch, every * steps_per_batch, warm * steps_per_batch
+        self.total: int | None = None
+        self._t0: tuple[int, float] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining("train") if timer is not None else None
+        if remaining is None:
+            return
+        step, elapsed = trainer.global_step, timer.time_elapsed("train")
+        if self._t0 is None:  # measure from here on: the first steps carry start-up costs
+            if step >= self.warm:
+                self._t0 = (step, elapsed)
+            return
+        if step % self.every:
+            return
+        s0, e0 = self._t0
+        total = (projected_total(step - s0, elapsed - e0, remaining, trainer.max_steps - s0) + s0) // self.per_batch
+        for config in trainer.lr_scheduler_configs:
+            if retarget(config.scheduler, total):
+                self.total = total

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_train.config import ConfigError, run_dir
 from ldm_train.lit.mfu import MFUMonitor
 from ldm_train.lit.nonfinite import NonFiniteGuard
+from ldm_train.lit.optim import ScheduleToTime
 from ldm_train.lit.progress import StepProgress
 from ldm_train.lit.resume import ResumeCallback
 
@@ -185,11 +186,13 @@ def global_batch(trainer: L.Trainer, batch_size: int, stage: str) -> int:
 def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: int, callbacks=(),
                   limit_val_batches: int | None = None, max_time: str | None = None,
                   steps_per_batch: int = 1, gradient_clip_val: float | None = None,
-                  find_unused_parameters: bool = False, sync_batchnorm: bool = False) -> L.Trainer:
+                  find_unused_parameters: bool = False, sync_batchnorm: bool = False,
+                  schedule_to_time: bool = False) -> L.Trainer:
     """A Trainer for one stage; the stage's own `max_time` (if set) wins over `trainer.max_time`.
 
     `steps_per_batch`: optimizer steps per batch (2 in stage 1), so checkpoints follow `val_every` batches.
     `sync_batchnorm`: Lightning converts every BatchNorm to SyncBatchNorm (GPU only; stage 1's discriminator).
+    `schedule_to_time`: the LR schedule ends where `max_time` will stop the run (ScheduleToTime).
     """
     quiet_lightning()
     t = cfg.trainer
@@ -202,6 +205,8 @@ def build_trainer(cfg: DictConfig, *, job_type: str, max_steps: int, val_every: 
     callbacks = [ckpt, guard, resume, *callbacks]
     if on_cuda(t.accelerator):
         torch.set_float32_matmul_precision(t.get("float32_matmul_precision", "high"))
+    if schedule_to_time and (max_time or t.max_time):
+        callbacks.append(ScheduleToTime(steps_per_batch))
     if t.get("mfu", True):
         callbacks.append(MFUMonitor(t.get("peak_tflops", "auto")))
     # the bar reads its metrics (a host sync) at each refresh: refresh when logging

@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
     # their own part of the module; SyncBatchNorm only where the discriminator has BatchNorm to convert
     trainer = build_trainer(cfg, job_type="autoencoder", max_steps=2 * ae.max_steps, val_every=val_every,
                             limit_val_batches=ae.val_batches, max_time=ae.get("max_time"), steps_per_batch=2,
+                            schedule_to_time=bool(ae.get("schedule_to_time")),
                             callbacks=[DataHealth(cfg.data.get("max_skip_fraction", 0.05))],
                             find_unused_parameters=True,
                             sync_batchnorm=bool(ae.loss.disc.get("sync_batchnorm")) and ae.loss.disc.norm == "batch")

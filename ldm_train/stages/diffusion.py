@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [DataHealth(cfg.data.get("max_skip_fraction", 0.05))]
     quality = build_quality_monitor(cfg, run_dir(cfg))  # sample quality against the step (diffusion.eval_every)
     trainer = build_trainer(cfg, job_type="diffusion", max_steps=d.max_steps, val_every=min(d.val_every, d.max_steps),
-                            limit_val_batches=2, max_time=d.get("max_time"), gradient_clip_val=d.grad_clip or None,
+                            limit_val_batches=2, max_time=d.get("max_time"),
+                            schedule_to_time=bool(d.get("schedule_to_time")), gradient_clip_val=d.grad_clip or None,
                             callbacks=callbacks + ([quality] if quality else []))
     global_batch(trainer, d.batch_size, "stage 2")
     train_loader, val_loader = trainer_loaders(trainer, train_ds, val_ds, d.batch_size, cfg.seed, cfg.data.num_workers)
