@@ -87,9 +87,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage == "autoencoder" and not cfg.autoencoder.get("init_from"):
         resolved_arch(cfg)  # with init_from, the artifact's architecture applies
     _validate_buckets(cfg)
-    if cfg.diffusion.get("size_conditioning") and cfg.data.name != "folder" and cfg.stage in ("diffusion", "pipeline"):
-        raise ConfigError(f"diffusion.size_conditioning=true needs the images' sizes and crops: data=folder (not "
-                          f"data={cfg.data.name} yet); set diffusion.size_conditioning=false")
+    if (cfg.diffusion.get("size_conditioning") and cfg.data.name not in ("folder", "webdataset", "latents")
+            and cfg.stage in ("diffusion", "pipeline")):  # latents: the cache must hold them (checked at the start)
+        raise ConfigError(f"diffusion.size_conditioning=true needs the images' sizes and crops: data=folder, "
+                          f"webdataset or latents (not data={cfg.data.name}); set diffusion.size_conditioning=false")
     if cfg.strategy.name == "fsdp" and not _gpu_run(cfg):
         raise ConfigError("strategy=fsdp needs GPUs (Lightning refuses it on the CPU); use strategy=ddp here")
     for stage, section in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
@@ -137,12 +138,12 @@ def idle_discriminator_warning(ae: DictConfig) -> str | None:
 def _validate_buckets(cfg: DictConfig) -> None:
     if not cfg.data.get("aspect_buckets") or cfg.stage == "inspect":
         return
-    if cfg.data.name != "folder":
-        raise ConfigError(f"data.aspect_buckets=true is implemented for data=folder only (not data={cfg.data.name} "
-                          "yet); set data.aspect_buckets=false")
-    if cfg.stage == "cache_latents":
-        raise ConfigError("stage=cache_latents stores square latents; aspect buckets are not cached yet: set "
-                          "data.aspect_buckets=false, or train stage 2 from the images (data=folder)")
+    if cfg.data.name not in ("folder", "webdataset"):
+        # a latent cache is batched by bucket when it was written with buckets (its cache.json says so)
+        raise ConfigError(f"data.aspect_buckets=true applies to images (data=folder or webdataset), not "
+                          f"data={cfg.data.name}; set data.aspect_buckets=false"
+                          + (" (a latent cache written with buckets is read by bucket anyway)"
+                             if cfg.data.name == "latents" else ""))
 
 
 def _validate_distribution(cfg: DictConfig) -> None:

@@ -29,7 +29,7 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
 
         common = dict(max_pixels=cfg.get("max_image_pixels", 50_000_000), caption_limit=caption_limit)
         train = ImageFolderDataset(cfg.root, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                                   buckets=folder_buckets(cfg), **common)
+                                   buckets=config_buckets(cfg), **common)
         # no augmentation (validation must be repeatable) and square crops: validation batches mix aspects
         val = ImageFolderDataset(cfg.root, cfg.resolution, **common)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -41,7 +41,11 @@ def build_datasets(cfg, caption_limit: CaptionLimit | None = None) -> tuple[Data
     if cfg.name == "webdataset":
         from ldm_train.data.webdataset import image_streams
 
-        return image_streams(cfg, caption_limit)
+        buckets = config_buckets(cfg)
+        if buckets:  # a stream's histogram is only known once read: `stage=inspect data=webdataset` reports it
+            log.info("aspect buckets (h x w), batched per bucket as the shards stream: %s",
+                     ", ".join(f"{h}x{w}" for h, w in buckets))
+        return image_streams(cfg, caption_limit, buckets)
     if cfg.name == "latents":
         from ldm_train.data.latents import latent_streams
 
@@ -54,13 +58,21 @@ def folder_val_size(n_images: int, val_fraction: float) -> int:
     return max(1, int(n_images * val_fraction)) if n_images > 1 else 0
 
 
-def folder_buckets(cfg) -> list | None:
+def config_buckets(cfg) -> list | None:
     """The bucket sizes of `data.aspect_buckets` (None when off); `data.bucket_multiple` is set at start-up."""
     if not cfg.get("aspect_buckets"):
         return None
     from ldm_train.data.buckets import make_buckets
 
     return make_buckets(int(cfg.resolution), int(cfg.get("bucket_multiple") or 8), cfg.bucket_aspect_range)
+
+
+def bucketed(dataset: Dataset) -> bool:
+    """Does `dataset` batch by aspect bucket (a bucketed folder, or a stream with buckets)? Such a loader only
+    makes whole batches of one bucket, so a batch larger than the training one may not exist."""
+    from ldm_train.data.buckets import dataset_buckets
+
+    return bool(getattr(dataset, "n_buckets", 0)) or dataset_buckets(dataset) is not None
 
 
 def report_buckets(dataset: Dataset, path: str | None) -> dict[str, int]:
@@ -113,6 +125,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     """Shuffled (training) loaders resume mid-epoch exactly (data/resumable.py); `seed` defaults to the run's."""
     if isinstance(dataset, IterableDataset):  # shard streams shuffle and split themselves
         dataset.num_workers = num_workers
+        dataset.batch_size = batch_size  # with aspect buckets the stream delivers runs of one bucket this long
+        if getattr(dataset, "bucketed", False):
+            len(dataset)  # refuses, now, a share of the epoch too small for one whole batch per reader
         # Lightning warns that an IterableDataset's __len__ may be wrong with workers; a stream's is exact per rank
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         return EpochLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,

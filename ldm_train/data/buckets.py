@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 Bucket = tuple[int, int]  # (height, width)
 
@@ -97,3 +97,39 @@ def bucket_batches(bucket_of: Sequence[int], batch_size: int, seed: int, epoch: 
 def batches_per_rank(bucket_of: Sequence[int], batch_size: int, world_size: int) -> int:
     """Batches every rank gets per epoch: ⌊(Σ_b ⌊n_b / B⌋) / W⌋ (the same on every rank and every epoch)."""
     return sum(n // batch_size for n in Counter(bucket_of).values()) // world_size
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+def item_bucket(item: dict) -> tuple[int, ...]:
+    """The bucket of a decoded item, as a stream groups it: the shape of its `latent` (a latent cache) or `image`
+    (the decoder has already resized and cropped it to its nearest bucket)."""
+    return tuple((item["latent"] if "latent" in item else item["image"]).shape)
+
+
+def stream_batches(samples: int, batch_size: int, n_buckets: int) -> int:
+    """Whole batches a reader of `samples` samples fills whatever their mix over `n_buckets` buckets:
+    N = max(0, ⌈(S − K·(B − 1)) / B⌉), since Σ_b ⌊n_b / B⌋ = (S − Σ_b r_b) / B with every remainder r_b ≤ B − 1."""
+    return max(0, -(-(samples - n_buckets * (batch_size - 1)) // batch_size))
+
+
+def stream_bucket_batches(items: Iterable[dict], batch_size: int, limit: int | None = None) -> Iterator[list[dict]]:
+    """Per-bucket buffers over a stream (a stream cannot be sorted): each item joins its bucket's buffer
+    (`item_bucket`); a buffer that reaches `batch_size` items is released as one batch, so at most B − 1 items wait
+    per bucket. With `limit`, stops after that many batches (what is still buffered, or unread, is left over);
+    without, the partial buffers are released at the end, buckets in the order they first appeared."""
+    buffers: dict[tuple[int, ...], list[dict]] = {}
+    done = 0
+    if limit is not None and limit <= 0:
+        return
+    for item in items:
+        buf = buffers.setdefault(item_bucket(item), [])
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield buf[:]
+            buf.clear()
+            done += 1
+            if limit is not None and done >= limit:
+                return
+    if limit is None:
+        yield from (buf for buf in buffers.values() if buf)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -18,6 +17,7 @@ from ldm_train.data.images import (
     SkipSample,
     decode_caption,
     open_image,
+    size_condition,
     to_rgb,
     to_tensor,
 )
@@ -110,7 +110,5 @@ class ImageFolderDataset(Dataset):
         crop: list[int] = []
         image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts, size=size, crop=crop)
         caption = self.caption(i, counts)
-        # SDXL's micro-conditioning: original size, crop top-left, target size
-        size_cond = torch.tensor([img.height, img.width, *crop, *image.shape[1:]], dtype=torch.float32)
         return {"image": image, "caption": caption, "label": 0, COUNTS_KEY: counts.take(),
-                NAMES_KEY: counts.take_names(), "size_cond": size_cond}
+                NAMES_KEY: counts.take_names(), "size_cond": size_condition(img, crop, image)}

@@ -14,6 +14,7 @@ from ldm_train.data.images import (
     NAMED_PER_REASON,
     NAMES_KEY,
     SKIP_REASONS,
+    UNUSED_REASONS,
     parse_names,
     skip_fraction,
     summarize,
@@ -89,9 +90,11 @@ class DataHealth(L.Callback):
             return
         total = self._reduce(trainer)
         counts = summarize(total)
-        log.info("epoch %d data: %d samples; skipped %s; converted %s", trainer.current_epoch, counts["samples"],
+        log.info("epoch %d data: %d samples; skipped %s; converted %s%s", trainer.current_epoch, counts["samples"],
                  {k: v for k, v in counts.items() if k in SKIP_REASONS} or "none",
-                 {k: v for k, v in counts.items() if k in CONVERT_REASONS} or "none")
+                 {k: v for k, v in counts.items() if k in CONVERT_REASONS} or "none",
+                 "".join(f"; {k} {v} (read, in no whole batch this epoch)" for k, v in counts.items()
+                         if k in UNUSED_REASONS))
         if trainer.logger:
             trainer.logger.log_metrics({f"data/{k}": float(v) for k, v in counts.items()}, step=trainer.global_step)
         check_skip_fraction(total, self.max_skip_fraction, f"of epoch {trainer.current_epoch} ", self.named)

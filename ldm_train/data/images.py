@@ -7,6 +7,8 @@ Converted (kept, counted):
     alpha (composited over white), high_bit_depth (rescaled to 8 bits), grayscale, cmyk, small_upscaled (shorter
     side below the crop: resized up), missing_caption (""), caption_not_utf8 (undecodable bytes → U+FFFD),
     caption_too_long (the text encoder truncates it to its limit).
+Unused (read, but no whole batch took it this epoch; not a skip):
+    bucket_leftover (a shard stream with aspect buckets, see ldm_train.data.buckets.stream_bucket_batches).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SKIP_REASONS = ("empty_file", "not_an_image", "truncated_image", "too_many_pixels", "no_image", "unreadable_shard")
 CONVERT_REASONS = ("alpha", "high_bit_depth", "grayscale", "cmyk", "small_upscaled", "missing_caption",
                    "caption_not_utf8", "caption_too_long")
+UNUSED_REASONS = ("bucket_leftover",)
 # Slot 0 counts delivered samples, so one summed vector gives the skip fraction.
-COUNT_KEYS = ("samples", *SKIP_REASONS, *CONVERT_REASONS)
+COUNT_KEYS = ("samples", *SKIP_REASONS, *CONVERT_REASONS, *UNUSED_REASONS)
 COUNTS_KEY = "data_counts"  # the batch key that carries the count vectors
 NAMES_KEY = "data_skipped"  # the batch key that carries "reason<TAB>file" lines of skipped inputs ("" for none)
 NAMED_PER_REASON = 5  # skipped inputs named per reason (per reader, and in the logs); the rest are only counted
@@ -165,6 +168,11 @@ def to_tensor(img: Image.Image, resolution: int, random_crop: bool = False, flip
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, h, w)
+
+
+def size_condition(img: Image.Image, crop: list[int], image: torch.Tensor) -> torch.Tensor:
+    """SDXL's micro-conditioning of one item: [original h, w, crop top, left, target h, w] (float32, (6,))."""
+    return torch.tensor([img.height, img.width, *crop, *image.shape[1:]], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- captions

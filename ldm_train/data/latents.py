@@ -4,8 +4,11 @@ Layout of a cache folder:
     cache.json          autoencoder path + content hash, f, regularizer, latent shape, dtype, sample counts,
                         and the text encoder config when its embeddings are cached
     train-000000.tar …  per sample: mean.npy + std.npy (KL posterior), z.npy (VQ, pre-quantisation) or zq.npy
-                        (VQ, quantized), txt, cls, [ctx.npy]
+                        (VQ, quantized), txt, cls, [ctx.npy], [size.npy: the size conditioning, when the source has it]
     val-000000.tar …
+With aspect buckets (`data.aspect_buckets: true` when caching) each training latent has its bucket's size
+(bucket / f) and cache.json lists the buckets; `data=latents` then batches by bucket as a stream does
+(ldm_train.data.webdataset: per-bucket buffers, a fixed number of batches per reader). Validation stays square.
 Raw latents only: FirstStage.from_cache applies the scale factor (and samples z ~ N(mean, std²) for KL), so the
 factor is applied exactly once whether stage 2 reads images or this cache.
 """
@@ -53,6 +56,8 @@ class LatentSampleDecoder:
                 item["latent_std"] = load_npy(sample["std.npy"])
             if "ctx.npy" in sample:
                 item["context"] = load_npy(sample["ctx.npy"])
+            if "size.npy" in sample:
+                item["size_cond"] = load_npy(sample["size.npy"])
         except (KeyError, ValueError, OSError) as err:
             raise SkipSample("unreadable_shard", f"latent sample {sample.get('__key__')}: {err}") from err
         label = sample.get("cls")
@@ -93,11 +98,27 @@ def check_cache(info: dict, first_stage, text_encoder_cfg: dict | None = None) -
                          "cache.text_embeddings")
 
 
+def check_cache_buckets(info: dict, multiple: int, size_conditioning: bool) -> None:
+    """Refuse a bucketed cache whose sizes the denoiser cannot take (each side a multiple of `multiple` = f ×
+    what the denoiser needs), and size conditioning on a cache written without the sizes."""
+    bad = [f"{h}x{w}" for h, w in info.get("buckets") or () if h % multiple or w % multiple]
+    if bad:
+        raise CacheError(f"the latent cache holds buckets {bad} (h x w) whose sides are not multiples of {multiple}, "
+                         "as this run's denoiser needs: rebuild the cache with this unet config (stage=cache_latents "
+                         "data.aspect_buckets=true), or use the denoiser it was written for")
+    if size_conditioning and not info.get("size_cond"):
+        raise CacheError("diffusion.size_conditioning=true, but the latent cache holds no image sizes (written from "
+                         f"data={info.get('data')}, or before they were cached): rebuild it from data=folder or "
+                         "webdataset, or set diffusion.size_conditioning=false")
+
+
 def latent_streams(cfg) -> tuple[ShardStream, ShardStream]:
-    """(train, val) streams for `data=latents` (val: `data.val_urls`, else the training shards unshuffled)."""
+    """(train, val) streams for `data=latents` (val: `data.val_urls`, else the training shards unshuffled); the
+    training stream is batched by bucket when cache.json lists buckets."""
     decode = LatentSampleDecoder()
+    n_buckets = len(read_info(cfg).get("buckets") or ())
     train = ShardStream(cfg.urls, decode, epoch_size=cfg.get("epoch_size"), shardshuffle=cfg.shardshuffle,
-                        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+                        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, n_buckets=n_buckets)
     val = ShardStream(cfg.val_urls or cfg.urls, decode, epoch_size=cfg.val_size, shardshuffle=False,
                       shuffle_buffer=0, seed=cfg.seed)
     return train, val

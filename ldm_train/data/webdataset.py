@@ -8,6 +8,13 @@ out starts them again, one with more stops early. So every rank yields the same 
 epoch end), and each sample is read exactly once per epoch when every reader's shards hold the same number of
 samples (shards of equal size, a shard count divisible by R). Otherwise a warning gives the numbers; fewer shards
 than readers is an error.
+
+Aspect buckets (`n_buckets` > 0 and a `batch_size`, set by make_loader): each reader passes its samples through
+per-bucket buffers (`stream_bucket_batches`) and delivers them as runs of `batch_size` consecutive samples of one
+bucket, which the DataLoader collates into one batch. Every reader delivers exactly N = `stream_batches(epoch_size
+// R, B, K)` runs per epoch, the number its share fills whatever the mix of aspects (webdataset's `with_epoch`: a
+fixed number of batches), so every rank still yields the same number of batches. The rest of its share (at most
+K·(B − 1) samples: still buffered or not read) is left over this epoch and counted as `bucket_leftover`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from ldm_train.data.buckets import Bucket, nearest_bucket, stream_batches, stream_bucket_batches
 from ldm_train.data.images import (
+    COUNT_KEYS,
     COUNTS_KEY,
     DEFAULT_MAX_PIXELS,
     NAMES_KEY,
@@ -33,11 +42,17 @@ from ldm_train.data.images import (
     SkipSample,
     decode_caption,
     open_image,
+    size_condition,
     to_tensor,
 )
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class BucketBatchError(UserError, ValueError):
+    """A reader's share of the epoch is too small to be sure of one whole batch of one aspect bucket."""
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -74,7 +89,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: str | list[str], decode: Callable[[dict, Counts], dict], *,
                  epoch_size: int | None = None, shardshuffle: bool = True, shuffle_buffer: int = 1000,
-                 seed: int = 0):
+                 seed: int = 0, n_buckets: int = 0):
         super().__init__()
         self.urls = expand_urls(urls)
         missing = [u for u in self.urls if (p := local_path(u)) is not None and not p.is_file()]
@@ -92,6 +107,8 @@ class ShardStream(IterableDataset):
             self.shard_sizes, epoch_size = sizes, sum(sizes)
         self.epoch_size = int(epoch_size)
         self.num_workers = 0  # set by make_loader; only __len__ needs it, readers ask the DataLoader
+        self.n_buckets = int(n_buckets)  # > 0: aspect buckets, batched by bucket once batch_size is known
+        self.batch_size: int | None = None  # set by make_loader (None: one sample at a time, nothing left over)
         # shared memory, so persistent DataLoader workers see the epoch the main process sets
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
@@ -113,6 +130,23 @@ class ShardStream(IterableDataset):
             raise ValueError(f"data.epoch_size={self.epoch_size} is smaller than the number of readers")
         return n
 
+    @property
+    def bucketed(self) -> bool:
+        return self.n_buckets > 0 and bool(self.batch_size)
+
+    def bucket_batches(self, world_size: int, num_workers: int) -> int:
+        """Batches of one bucket each reader delivers per epoch (module docstring); raises when none."""
+        n = self.per_reader(world_size, num_workers)
+        batches = stream_batches(n, self.batch_size, self.n_buckets)
+        if batches < 1:
+            readers = self.readers(world_size, num_workers)
+            raise BucketBatchError(
+                f"aspect buckets on a stream: each of the {readers} readers gets {n} samples per epoch, too few to be "
+                f"sure of one whole batch of {self.batch_size} over {self.n_buckets} buckets (that needs at least "
+                f"{self.n_buckets} x {self.batch_size - 1} + 1). Add samples (data.epoch_size), lower the batch size "
+                "or data.num_workers, or set data.aspect_buckets=false")
+        return batches
+
     def check_split(self, world_size: int, num_workers: int) -> str | None:
         """A warning text when the split cannot read every sample exactly once per epoch (None when it can)."""
         r = self.readers(world_size, num_workers)
@@ -131,6 +165,8 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         """Samples this rank delivers per epoch."""
         _, world, _, _ = reader_info()
+        if self.bucketed:
+            return self.bucket_batches(world, self.num_workers) * self.batch_size * max(1, self.num_workers)
         return self.per_reader(world, self.num_workers) * max(1, self.num_workers)
 
     def _pipeline(self, epoch: int, reader: int) -> wds.DataPipeline:
@@ -176,7 +212,14 @@ class ShardStream(IterableDataset):
                     raise RuntimeError(f"reader {worker} of rank {rank} found no readable sample in its shards of "
                                        f"{self.urls[0]}…; check the shards (skips: {self._counts.pending.tolist()})")
 
-        yield from islice(forever(), n)
+        if not self.bucketed:
+            yield from islice(forever(), n)
+            return
+        runs, size = self.bucket_batches(world, workers), self.batch_size
+        for k, batch in enumerate(stream_bucket_batches(islice(forever(), n), size, runs)):
+            if k == runs - 1:  # the epoch's last batch carries the count of this reader's unused samples
+                batch[-1][COUNTS_KEY][COUNT_KEYS.index("bucket_leftover")] += n - runs * size
+            yield from batch
 
 
 # ---------------------------------------------------------------------------------------------- image shards
@@ -186,12 +229,13 @@ class ImageSampleDecoder:
 
     def __init__(self, resolution: int, random_crop: bool = False, flip: bool = False,
                  caption_key: str = "txt", json_field: str = "caption", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 caption_limit: CaptionLimit | None = None):
+                 caption_limit: CaptionLimit | None = None, buckets: list[Bucket] | None = None):
         if caption_key not in ("txt", "json"):
             raise ValueError(f"data.caption_key={caption_key!r}; valid: txt, json (with data.json_field)")
         self.resolution, self.random_crop, self.flip = resolution, random_crop, flip
         self.caption_key, self.json_field = caption_key, json_field
         self.max_pixels, self.caption_limit = max_pixels, caption_limit
+        self.buckets = list(buckets) if buckets else None
 
     def caption_bytes(self, sample: dict) -> bytes | str | None:
         if self.caption_key == "txt":
@@ -211,19 +255,23 @@ class ImageSampleDecoder:
         if data is None:
             raise SkipSample("no_image", f"keys {sorted(k for k in sample if not k.startswith('__'))}")
         img = open_image(data, self.max_pixels, counts)
-        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts)
+        size = self.buckets[nearest_bucket(img.height, img.width, self.buckets)] if self.buckets else None
+        crop: list[int] = []
+        image = to_tensor(img, self.resolution, self.random_crop, self.flip, counts, size=size, crop=crop)
         label = sample.get("cls")
         return {"image": image, "caption": decode_caption(self.caption_bytes(sample), counts, self.caption_limit),
-                "label": int(label) if label is not None and label.strip().isdigit() else 0}
+                "label": int(label) if label is not None and label.strip().isdigit() else 0,
+                "size_cond": size_condition(img, crop, image)}
 
 
-def image_streams(cfg, caption_limit: CaptionLimit | None = None) -> tuple[ShardStream, ShardStream]:
-    """(train, val) streams for `data=webdataset`; val is unaugmented and unshuffled."""
+def image_streams(cfg, caption_limit: CaptionLimit | None = None,
+                  buckets: list[Bucket] | None = None) -> tuple[ShardStream, ShardStream]:
+    """(train, val) streams for `data=webdataset`; val is unaugmented, unshuffled and square (like the folder's)."""
     common = dict(caption_key=cfg.caption_key, json_field=cfg.json_field, max_pixels=cfg.max_image_pixels,
                   caption_limit=caption_limit)
-    train = ShardStream(cfg.urls, ImageSampleDecoder(cfg.resolution, cfg.random_crop, cfg.flip, **common),
-                        epoch_size=cfg.epoch_size, shardshuffle=cfg.shardshuffle, shuffle_buffer=cfg.shuffle_buffer,
-                        seed=cfg.seed)
+    decode = ImageSampleDecoder(cfg.resolution, cfg.random_crop, cfg.flip, buckets=buckets, **common)
+    train = ShardStream(cfg.urls, decode, epoch_size=cfg.epoch_size, shardshuffle=cfg.shardshuffle,
+                        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, n_buckets=len(buckets or ()))
     if not cfg.val_urls:
         log.warning("data.val_urls is not set: validation reads the training shards")
     val = ShardStream(cfg.val_urls or cfg.urls, ImageSampleDecoder(cfg.resolution, **common),

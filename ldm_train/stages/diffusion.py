@@ -10,12 +10,19 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_train.config import artifacts_root, autoencoder_dir, check_against_artifact, diffusion_dir, run_dir
-from ldm_train.data import build_datasets, make_loader
+from ldm_train.config import (
+    artifacts_root,
+    autoencoder_dir,
+    check_against_artifact,
+    diffusion_dir,
+    run_dir,
+    size_multiple,
+)
+from ldm_train.data import bucketed, build_datasets, make_loader
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.data.images import caption_limit
-from ldm_train.data.latents import check_cache, read_info
+from ldm_train.data.latents import check_cache, check_cache_buckets, read_info
 from ldm_train.evaluation.quality import build_quality_monitor
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
@@ -67,12 +74,14 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.name == "latents":  # the cache must come from this autoencoder; its resolution is the run's
         info = read_info(cfg.data)
         check_cache(info, first_stage, OmegaConf.to_container(cfg.text_encoder, resolve=True))
+        check_cache_buckets(info, size_multiple(cfg), bool(d.get("size_conditioning")))
         with open_dict(cfg):
             cfg.data.resolution = info["resolution"]
     pipeline = init or LatentDiffusionPipeline.build(first_stage, pipeline_config(cfg, first_stage))
     unet, text_encoder = pipeline.denoiser, pipeline.text_encoder
     train_ds, val_ds = build_datasets(cfg.data, caption_limit(text_encoder))
-    probe = next(iter(make_loader(train_ds, max(d.batch_size, 16), True)))
+    probe_size = d.batch_size if bucketed(train_ds) else max(d.batch_size, 16)
+    probe = next(iter(make_loader(train_ds, probe_size, True)))
     latents = DiffusionModule.batch_latents(first_stage, probe) if "latent" in probe else None
     stats = first_stage.health_check(probe.get("image"), tuple(d.latent_std_range), latents)
     log.info("latent health check passed: scaled mean %.3f std %.3f (scale_factor %.5f)", stats["scaled_mean"],
