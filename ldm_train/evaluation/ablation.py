@@ -15,7 +15,7 @@ import logging
 import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.evaluation.metric_info import with_current_names
 from ldm_train.evaluation.quality import QUALITY_FILE, read_quality
@@ -81,7 +81,7 @@ def label_part(key: str, value: str) -> str:
     return LABEL_FORMAT.get(column, "{}").format(value) if column else f"{key}={value}"
 
 
-def setup(cfg, choices: dict) -> dict:
+def setup(cfg: DictConfig, choices: dict) -> dict:
     """What a job trained, from its composed config: f, regularizer, backbone (the `unet` option chosen),
     objective, prediction (what the denoiser predicts: eps | v | velocity) and the latent channels."""
     from ldm_train.config import autoencoder_arch
