@@ -42,14 +42,14 @@ def run_case(name: str, minutes: float, steps: int, extra: list[str]) -> dict:
         art = next(Path(tmp, "artifacts", "autoencoder").iterdir())
         metrics = json.loads((art / "metrics.json").read_text())
         train = last_logged(Path(tmp, "run", "csv", "autoencoder", "metrics.csv"), ("train/kl", "train/logvar"))
-    lp = next(k for k in metrics if k.startswith("lpips"))
+    lp = next(k for k in metrics if k.startswith("recon_lpips"))
     choice = {"autoencoder.loss.learn_logvar=true": "learned", "autoencoder.loss.learn_logvar=false": "fixed"}
     logvar = next((choice[o] for o in extra if o in choice), "config")  # config: the quickstart's own setting
     return {"case": f"KL {name} {case['overrides'][1].split('=')[1]} px", "logvar": logvar,
             "kl": train["train/kl"], "final_logvar": train["train/logvar"], "scale_factor": metrics["scale_factor"],
             "minutes": metrics["train_seconds"] / 60, "steps": metrics["steps"],
-            "step_ms": 1000 * metrics["train_seconds"] / max(1, metrics["steps"]), "psnr": metrics["psnr"],
-            "ssim": metrics["ssim"], "lpips_name": lp, "lpips_value": metrics[lp], "goal_db": case["goal_db"],
+            "step_ms": 1000 * metrics["train_seconds"] / max(1, metrics["steps"]), "psnr": metrics["recon_psnr"],
+            "ssim": metrics["recon_ssim"], "lpips_name": lp, "lpips_value": metrics[lp], "goal_db": case["goal_db"],
             "params_M": metrics["parameters"] / 1e6}
 
 

@@ -12,23 +12,43 @@ from PIL import Image
 from torch import nn
 
 from ldm_train.evaluation import plots
-from ldm_train.evaluation.ablation import AUTOENCODER, GENERATION, collect, table, write_report
+from ldm_train.evaluation.ablation import (
+    AUTOENCODER,
+    GENERATION,
+    collect,
+    quality_curves,
+    sample_rows,
+    table,
+    write_report,
+)
 from ldm_train.evaluation.generation import generation_metrics, over_seeds
-from ldm_train.evaluation.metric_info import metric_info
+from ldm_train.evaluation.metric_info import current_name, metric_info
 from ldm_train.evaluation.quality import QualityMonitor, read_quality
 from ldm_train.evaluation.sweep import expand_jobs, group_name, record_failure, upload_command
 
 
 def fake_job(sweep, num: int, overrides: list[str], metrics: dict | None, quality: list[dict] = (),
-             logger: str = "none") -> None:
+             logger: str = "none", choices: dict | None = None) -> None:
+    """A job folder as Hydra and the pipeline leave it; `overrides` also set the config (`unet=` the choice,
+    `diffusion.objective=`, `autoencoder.z_channels=`), `choices` is hydra.yaml's runtime.choices."""
     values = dict(o.split("=", 1) for o in overrides)
     f = int(values.get("f", 4))
     folder = sweep / f"{num}_pipeline_kl_f{f}"
     (folder / ".hydra").mkdir(parents=True)
+    unet = values.get("unet", "small")
+    diffusion = {"objective": values.get("diffusion.objective", "ddpm"),
+                 "prediction_type": values.get("diffusion.prediction_type", "eps"), "schedule": "scaled_linear",
+                 "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "flow": {"shift": 1.0, "logit_mean": 0.0, "logit_std": 1.0, "time_scale": 1000}}
     cfg = {"f": f, "stage": "pipeline", "regularizer": {"name": "kl"}, "prompt": ["a red circle", "a blue square"],
-           "sampling": {"sampler": "ddim", "steps": 4}, "logger": {"name": logger, "project": "t", "mode": "offline"}}
+           "sampling": {"sampler": "ddim", "steps": 4}, "logger": {"name": logger, "project": "t", "mode": "offline"},
+           "unet": {"kind": "dit" if unet.startswith("dit") else "unet"}, "diffusion": diffusion,
+           "autoencoder": {"z_channels": int(values["autoencoder.z_channels"]) if "autoencoder.z_channels" in values
+                           else None}}
     OmegaConf.save(OmegaConf.create(cfg), folder / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": choices or {"unet": unet}}}}),
+                   folder / ".hydra" / "hydra.yaml")
     if metrics is not None:
         (folder / "metrics.json").write_text(json.dumps(metrics))
     if quality:
@@ -157,18 +177,114 @@ def test_report_rows_failed_and_never_run_jobs(tmp_path):
                                                          ("f=32", "not run")]
     assert rows[2]["reason"] == "ValueError: latent health check failed: std 40"
     header, cells, _ = table(rows, GENERATION)
-    assert header[1] == "FD [fd_shapes]" and cells[0][1] == "55 ± 2" and cells[2][1] == "—"
+    # the latent channels follow f (the architecture table: 3 at f=4, 4 at f=8); the prediction does not vary
+    assert header[:6] == ["row", "f", "backbone", "objective", "z_channels", "FD [fd_shapes]"]
+    assert cells[0][:6] == ["f=4", "4", "small", "ddpm", "3", "55 ± 2"]
+    assert cells[1][4] == "4" and cells[2][5] == "—"
     header, _, values = table(rows, AUTOENCODER)
     assert "LPIPS variant [recon_lpips_randalex]" in header and not any("[fid]" in h or "[rfid]" in h for h in header)
     assert values["recon_psnr"] == {"f=4": (29.0, None), "f=8": (25.0, None)}
 
     text = write_report(tmp_path, wandb_summary=False).read_text()
     assert "# Ablation: f=4,8,16,32 @x" in text
-    assert "| f=16 | failed: ValueError: latent health check failed: std 40 | 2_pipeline_kl_f16 |" in text
-    assert "| f=32 | not run: the sweep stopped before this job |" in text
+    assert "| row | status | f | backbone | objective | z_channels | job |" in text
+    assert "| f=16 | failed: ValueError: latent health check failed: std 40 | 16 | small | ddpm | 16 | " \
+           "2_pipeline_kl_f16 |" in text
+    assert "| f=32 | not run: the sweep stopped before this job | 32 | — | — | — | 3 (not started) |" in text
     for name in ("curves", "speed", "autoencoder", "samples"):
         png = tmp_path / f"ablation_{name}.png"
         assert f"(ablation_{name}.png)" in text and png.stat().st_size > 5000 and Image.open(png).format == "PNG"
+
+
+def backbone_objective_sweep(sweep) -> list[list[str]]:
+    """`-m stage=pipeline unet=small,dit_tiny diffusion.objective=ddpm,flow` at one f: three jobs finished (with
+    curves and samples), the last one failed. Every job folder is `<n>_pipeline_kl_f4`: only the number differs."""
+    jobs, swept = expand_jobs(["stage=pipeline", "unet=small,dit_tiny", "diffusion.objective=ddpm,flow"])
+    (sweep / "sweep.json").write_text(json.dumps({"group": "g", "swept": swept, "jobs": jobs}))
+    for num, overrides in enumerate(jobs[:3]):
+        fake_job(sweep, num, overrides, {"recon_psnr": 30.0, "fd_shapes": 50.0 - num, "caption_alignment": 0.5,
+                                         "eval_samples_per_second": 10.0 + num},
+                 [{"step": s, "fd_shapes": 60.0 - num - s, "samples": 8} for s in (2, 4)])
+    fake_job(sweep, 3, jobs[3], None)
+    record_failure(sweep / "3_pipeline_kl_f4", RuntimeError("DiT ran out of memory"))
+    return jobs
+
+
+def test_report_one_table_for_a_backbone_and_objective_sweep(tmp_path):
+    backbone_objective_sweep(tmp_path)
+    rows = collect(tmp_path)
+    labels = ["small · ddpm", "small · flow", "dit_tiny · ddpm", "dit_tiny · flow"]
+    assert [r["label"] for r in rows] == labels
+    header, cells, values = table(rows, GENERATION)
+    # prediction varies (ε for ddpm, the velocity for flow), f, the regularizer and z_channels do not
+    assert header[:6] == ["row", "f", "backbone", "objective", "prediction", "FD [fd_shapes]"]
+    assert [c[1:5] for c in cells] == [["4", "small", "ddpm", "eps"], ["4", "small", "flow", "velocity"],
+                                       ["4", "dit_tiny", "ddpm", "eps"], ["4", "dit_tiny", "flow", "velocity"]]
+    assert [c[5] for c in cells] == ["50", "49", "48", "—"]
+    assert values["fd_shapes"] == {labels[i]: (50.0 - i, None) for i in range(3)}  # one value per job, none merged
+    # the figures: one line, one bar, one sample row per finished job
+    curves = quality_curves(rows)["fd_shapes"]
+    assert list(curves) == labels[:3] and curves[labels[2]] == [(2, 56.0, None), (4, 54.0, None)]
+    ax = plots.curves_figure(quality_curves(rows)).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels[:3]
+    _, _, ae = table(rows, AUTOENCODER)
+    ax = plots.bars_figure(ae, "autoencoder").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels[:3]
+    assert list(sample_rows(rows)[0]) == labels[:3]
+
+    text = write_report(tmp_path, wandb_summary=False).read_text()
+    assert "| row | status | f | backbone | objective | prediction | job |" in text
+    assert "| dit_tiny · flow | failed: RuntimeError: DiT ran out of memory | 4 | dit_tiny | flow | velocity | " \
+           "3_pipeline_kl_f4 |" in text
+    assert "| small · flow | 4 | small | flow | velocity | 30 |" in text  # the autoencoder table has them too
+
+
+def test_report_z_channels_column_and_repeated_jobs(tmp_path):
+    """SD3's latent-channel ablation (`-m autoencoder.z_channels=3,4`) gets a z_channels column; a job repeated with
+    the same swept values (`-m seed=0,0`) keeps its own row and line."""
+    jobs = [["stage=pipeline", f"autoencoder.z_channels={z}"] for z in (3, 4)]
+    sweep = tmp_path / "z"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"group": "g", "swept": ["autoencoder.z_channels"], "jobs": jobs}))
+    for num, overrides in enumerate(jobs):
+        fake_job(sweep, num, overrides, {"recon_psnr": 28.0 + num, "fd_shapes": 9.0})
+    rows = collect(sweep)
+    header, cells, _ = table(rows, AUTOENCODER)
+    assert [r["label"] for r in rows] == ["z=3", "z=4"]
+    assert header[:6] == ["row", "f", "backbone", "objective", "z_channels", "recon PSNR [recon_psnr]"]
+    assert [c[4:6] for c in cells] == [["3", "28"], ["4", "29"]]
+    unset = collect(tmp_path / "z")  # z_channels=null takes the architecture table's value (3 at f=4, KL)
+    assert unset[0]["setup"]["z_channels"] == 3
+
+    sweep = tmp_path / "repeat"
+    sweep.mkdir()
+    for num in range(2):  # no sweep.json: the swept keys are read from the overrides
+        fake_job(sweep, num, ["stage=pipeline", "seed=0", f"diffusion.lr={num}"], {"fd_shapes": 9.0 + num},
+                 [{"step": 2, "fd_shapes": 9.0 + num}])
+    rows = collect(sweep)
+    assert [r["label"] for r in rows] == ["diffusion.lr=0", "diffusion.lr=1"]
+    for num in range(2):
+        OmegaConf.save(OmegaConf.create(["stage=pipeline", "seed=0"]),
+                       sweep / f"{num}_pipeline_kl_f4" / ".hydra" / "overrides.yaml")
+    (sweep / "sweep.json").write_text(json.dumps({"group": "g", "swept": ["seed"], "jobs": [["seed=0"]] * 2}))
+    rows = collect(sweep)
+    assert [r["label"] for r in rows] == ["seed=0 #0", "seed=0 #1"]
+    assert quality_curves(rows)["fd_shapes"] == {"seed=0 #0": [(2, 9.0, None)], "seed=0 #1": [(2, 10.0, None)]}
+
+
+def test_old_metric_names_are_read_under_the_current_ones(tmp_path):
+    """Stage 1 once wrote `psnr`, `ssim`, `lpips_rand<net>`: an old sweep folder reports them as recon_*."""
+    assert [current_name(k) for k in ("psnr", "ssim", "l1", "lpips", "lpips_randalex")] == [
+        "recon_psnr", "recon_ssim", "recon_l1", "recon_lpips", "recon_lpips_randalex"]
+    assert [current_name(k) for k in ("recon_psnr", "fd_shapes", "rfd_shapes", "scale_factor")] == [
+        "recon_psnr", "fd_shapes", "rfd_shapes", "scale_factor"]
+    fake_job(tmp_path, 0, ["stage=autoencoder", "f=4"], {"psnr": 31.0, "ssim": 0.9, "lpips_randalex": 0.02})
+    fake_job(tmp_path, 1, ["stage=autoencoder", "f=8"], {"recon_psnr": 27.0, "psnr": 1.0, "recon_ssim": 0.8})
+    rows = collect(tmp_path)
+    header, cells, _ = table(rows, AUTOENCODER)
+    assert header[5:8] == ["recon PSNR [recon_psnr]", "recon SSIM [recon_ssim]",
+                           "LPIPS variant [recon_lpips_randalex]"]  # after row, f, backbone, objective, z_channels
+    assert [c[5:8] for c in cells] == [["31", "0.9", "0.02"], ["27", "0.8", "—"]]  # the current name wins
 
 
 def test_report_to_wandb_offline(tmp_path, monkeypatch):
@@ -184,8 +300,11 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
     media = runs[0] / "files" / "media"
     table_file = next(media.glob("table/ablation/table/generation_*.table.json"))
     data = json.loads(table_file.read_text())
-    assert data["columns"][1] == "FD [fd_shapes]" and [row[0] for row in data["data"]] == ["f=4", "f=8", "f=16",
+    assert data["columns"][5] == "FD [fd_shapes]" and [row[0] for row in data["data"]] == ["f=4", "f=8", "f=16",
                                                                                           "f=32"]
+    jobs = json.loads(next(media.glob("table/ablation/table/jobs_*.table.json")).read_text())
+    assert jobs["columns"] == ["row", "f", "backbone", "objective", "z_channels", "status", "reason", "job"]
+    assert jobs["data"][2][:6] == ["f=16", "16", "small", "ddpm", "16", "failed"]
     assert len(list(media.glob("table/ablation/table/*.table.json"))) == 3  # jobs, autoencoder, generation
     curve = next(media.glob("table/ablation/curve/fd_shapes_table_*.table.json"))  # the native line plot's data
     assert json.loads(curve.read_text())["data"] == [[2, "f=4", 105.0], [4, "f=4", 80.0], [2, "f=8", 90.0],

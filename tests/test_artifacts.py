@@ -105,16 +105,18 @@ def test_scale_factor_is_one_over_latent_std(compose_cfg, request, which):
 def test_metrics_json(compose_cfg, smoke_autoencoder):
     cfg = compose_cfg(smoke_autoencoder["cfg_overrides"])
     metrics = _json(smoke_autoencoder["artifact"] / "metrics.json")
-    assert "lpips_randalex" in metrics and "lpips" not in metrics
+    # stage 1 names its validation metrics as stage=evaluate does (recon_*), the LPIPS variant honestly
+    assert {"recon_psnr", "recon_ssim", "recon_l1", "recon_lpips_randalex"} <= set(metrics)
+    assert not {"psnr", "ssim", "l1", "lpips", "lpips_randalex", "recon_lpips"} & set(metrics)
     assert metrics["perceptual"] == {"net": "alex", "weights": "random", "metric_name": "lpips_randalex"}
     assert metrics["steps"] == cfg.autoencoder.max_steps
-    # psnr: the mean per-image PSNR over the validated batches, recomputed from the saved weights
+    # recon_psnr: the mean per-image PSNR over the validated batches, recomputed from the saved weights
     ae = cfg.autoencoder
     x = _val_images(cfg, ae.val_batches * ae.batch_size)
     with torch.no_grad():
         xrec = _build(smoke_autoencoder["artifact"])(x)[0].clamp(-1, 1)
     mse = (x - xrec).pow(2).flatten(1).mean(1)
-    assert metrics["psnr"] == pytest.approx((10 * torch.log10(4.0 / mse)).mean().item(), rel=1e-4)
+    assert metrics["recon_psnr"] == pytest.approx((10 * torch.log10(4.0 / mse)).mean().item(), rel=1e-4)
 
 
 def test_reload_reproduces_reconstructions(compose_cfg, smoke_autoencoder):

@@ -245,7 +245,7 @@ def test_main_returns_the_stage_headline_metric():
     from ldm_train.__main__ import headline
 
     assert headline("pipeline", {"caption_alignment_cfg": 0.9, "fd_shapes": 3.0}) == 0.9
-    assert headline("autoencoder", {"psnr": 31.5, "ssim": 0.9}) == 31.5
+    assert headline("autoencoder", {"recon_psnr": 31.5, "recon_ssim": 0.9}) == 31.5
     assert headline("diffusion", {"steps": 12}) is None  # no val/loss: nothing to optimise
     assert headline("calibrate", {"scale_factor": 1.2}) is None  # no headline metric declared
 

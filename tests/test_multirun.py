@@ -31,7 +31,8 @@ def test_multirun_sweeps_f(tmp_path):
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert jobs == ["0_autoencoder_kl_f4", "1_autoencoder_kl_f8"]
     report = (tmp_path / "sweep" / "ablation.md").read_text()  # the Hydra callback reads each job's folder
-    assert "| f=4 | ok |" in report and "| f=8 | ok |" in report and "[lpips_randalex]" in report
+    assert "| f=4 | ok | 4 | tiny | ddpm | 3 | 0_autoencoder_kl_f4 |" in report and "| f=8 | ok |" in report
+    assert "[recon_lpips_randalex]" in report and "[recon_psnr]" in report  # stage 1's names are evaluate's
 
 
 def test_sweep_checks_every_job_before_the_first_starts(tmp_path):
@@ -58,7 +59,7 @@ def test_pipeline_sweep_with_a_failing_job_still_reports(tmp_path, shapes_featur
     failure = json.loads((out / "1_pipeline_kl_f4" / "failure.json").read_text())
     assert "latent" in failure["message"] and not (out / "1_pipeline_kl_f4" / "metrics.json").exists()
     text = (out / "ablation.md").read_text()
-    assert "| diffusion.latent_std_range=[0.0,100.0] | ok | 0_pipeline_kl_f4 |" in text
+    assert "| diffusion.latent_std_range=[0.0,100.0] | ok | 4 | tiny | ddpm | 0_pipeline_kl_f4 |" in text
     assert f"| diffusion.latent_std_range=[50.0,60.0] | failed: {failure['error']}: " in text
     assert "FD [fd_shapes]" in text and "sampling throughput [eval_samples_per_second]" in text
     for name in ("curves", "speed", "autoencoder", "samples"):

@@ -1,8 +1,10 @@
 """The ablation report of a sweep folder: ablation.md, its figures, and a wandb summary run.
 
-It only reads the job folders: `.hydra/config.yaml` and `.hydra/overrides.yaml`, `metrics.json` (a finished job),
-`failure.json` (a failed one, see `sweep.py`), `quality.jsonl` (stage-2 quality against the step) and
-`samples/*.png` (the same prompts and seeds in every job). Rows are labelled by the swept keys (`f=8`).
+It only reads the job folders: `.hydra/config.yaml`, `.hydra/overrides.yaml` and `.hydra/hydra.yaml` (the options
+chosen), `metrics.json` (a finished job), `failure.json` (a failed one, see `sweep.py`), `quality.jsonl` (stage-2
+quality against the step) and `samples/*.png` (the same prompts and seeds in every job). Rows are labelled by the
+swept overrides (`f=8 · dit_tiny · flow`); every table shows what the rows trained (f, backbone, objective, and the
+regularizer, prediction type and latent channels when they differ).
 Run by the Hydra callback at the end of a sweep, and by `python -m ldm_train.report <sweep dir>`.
 """
 
@@ -13,8 +15,9 @@ import logging
 import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from ldm_train.evaluation.metric_info import with_current_names
 from ldm_train.evaluation.quality import QUALITY_FILE, read_quality
 from ldm_train.evaluation.sweep import FAILURE_FILE, read_sweep
 from ldm_train.utils.io import atomic_write_text
@@ -23,18 +26,25 @@ log = logging.getLogger(__name__)
 
 # (column title, exact keys in order of preference, prefixes of the variants): a cell shows the first key a job
 # has, and the header names the keys found, so a random-feature variant never borrows the published metric's name.
-AUTOENCODER = [("recon PSNR", ["recon_psnr", "psnr"], None), ("recon SSIM", ["recon_ssim", "ssim"], None),
-               ("LPIPS variant", ["recon_lpips", "lpips"], ("recon_lpips_", "lpips_")),
-               ("rFD", ["rfid"], ("rfd_",))]
+AUTOENCODER = [("recon PSNR", ["recon_psnr"], None), ("recon SSIM", ["recon_ssim"], None),
+               ("LPIPS variant", ["recon_lpips"], ("recon_lpips_",)), ("rFD", ["rfid"], ("rfd_",))]
 GENERATION = [("FD", ["fid"], ("fd_",)), ("caption alignment", ["caption_alignment", "caption_alignment_cfg"], None),
               ("sampling throughput", ["eval_samples_per_second"], None)]
 TIMES = [("stage-1 ms/step", "autoencoder_ms_per_step"), ("stage-2 ms/step", "diffusion_ms_per_step"),
          ("stage-2 train (s)", "diffusion_train_seconds")]
+# what distinguishes the rows: column → the override that sets it; the first three columns are always shown, the
+# others when they differ between jobs. LABEL_FORMAT: how a swept value reads in a row label.
+SETUP = ["f", "backbone", "objective", "regularizer", "prediction", "z_channels"]
+SETUP_ALWAYS = 3
+SETUP_KEYS = {"f": "f", "unet": "backbone", "diffusion.objective": "objective", "regularizer": "regularizer",
+              "diffusion.prediction_type": "prediction", "autoencoder.z_channels": "z_channels"}
+LABEL_FORMAT = {"f": "f={}", "z_channels": "z={}", "prediction": "{}-pred"}
 SAMPLE_COLUMNS = 8  # single sample PNGs per row in the sample figure
 
 
 def collect(sweep: Path) -> list[dict]:
-    """One row per job of the sweep, in job order: finished, failed (with the reason), unfinished, or never run."""
+    """One row per job of the sweep, in job order: finished, failed (with the reason), unfinished, or never run.
+    A row's label is its swept overrides (`f=8 · dit_tiny · flow`), unique within the sweep."""
     sweep = Path(sweep)
     info = read_sweep(sweep)
     folders = {int(p.name.split("_", 1)[0]): p for p in sweep.iterdir()
@@ -50,16 +60,59 @@ def collect(sweep: Path) -> list[dict]:
     swept = info.get("swept") or _varying_keys([r["overrides"] for r in rows])
     for r in rows:
         values = dict(o.split("=", 1) for o in r["overrides"] if "=" in o)
-        r["label"] = " ".join(f"{k}={values[k]}" for k in swept if k in values) or r["job"]
+        r["label"] = " · ".join(label_part(k, values[k]) for k in swept if k in values) or r["job"]
+        for key, value in values.items():  # a job that never started: what its overrides say it would train
+            column = SETUP_KEYS.get(key.lstrip("+~"))
+            if column and r["setup"].get(column) is None:
+                r["setup"][column] = value
+    seen: dict[str, int] = {}
+    for r in rows:
+        seen[r["label"]] = seen.get(r["label"], 0) + 1
+    for r in rows:  # same swept values twice (`seed=0,0`): the job number keeps the figures' lines apart
+        if seen[r["label"]] > 1:
+            r["label"] += f" #{r['num']}"
     return rows
+
+
+def label_part(key: str, value: str) -> str:
+    """How one swept override reads in a row label: `f=8`, `z=4`, the option alone for `unet`, `regularizer`,
+    `diffusion.objective` (`dit_tiny`, `vq`, `flow`), `v-pred`; any other key as typed (`diffusion.lr=1e-4`)."""
+    column = SETUP_KEYS.get(key.lstrip("+~"))
+    return LABEL_FORMAT.get(column, "{}").format(value) if column else f"{key}={value}"
+
+
+def setup(cfg: DictConfig, choices: dict) -> dict:
+    """What a job trained, from its composed config: f, regularizer, backbone (the `unet` option chosen),
+    objective, prediction (what the denoiser predicts: eps | v | velocity) and the latent channels."""
+    from ldm_train.config import autoencoder_arch
+    from ldm_train.diffusion.parameterization import build_parameterization
+
+    f, reg = cfg.get("f"), OmegaConf.select(cfg, "regularizer.name")
+    out = {"f": f, "regularizer": reg, "backbone": choices.get("unet") or OmegaConf.select(cfg, "unet.kind"),
+           "objective": OmegaConf.select(cfg, "diffusion.objective", default="ddpm"), "prediction": None,
+           "z_channels": OmegaConf.select(cfg, "autoencoder.z_channels")}
+    try:
+        out["prediction"] = build_parameterization(OmegaConf.to_container(cfg.diffusion, resolve=True)).name
+    except Exception:  # noqa: BLE001 - a folder from an older version: the cell stays empty
+        log.debug("no parameterisation for %s", cfg.get("name"))
+    if out["z_channels"] is None:
+        try:
+            out["z_channels"] = autoencoder_arch(f, reg)["z_channels"]
+        except Exception:  # noqa: BLE001 - an unknown f/regularizer: the cell stays empty
+            pass
+    return out
 
 
 def _job_state(folder: Path | None) -> dict:
     state = {"status": "not run", "reason": "the sweep stopped before this job", "metrics": {}, "quality": [],
-             "config": {}}
+             "config": {}, "setup": dict.fromkeys(SETUP)}
     if folder is None:
         return state
     cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    hydra_file = folder / ".hydra" / "hydra.yaml"
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices", default={}) \
+        if hydra_file.exists() else {}
+    state["setup"] = setup(cfg, dict(choices or {}))
     state["config"] = {"f": cfg.get("f"), "regularizer": OmegaConf.select(cfg, "regularizer.name"),
                        "prompt": OmegaConf.select(cfg, "prompt"), "sampling": OmegaConf.select(cfg, "sampling"),
                        "logger": OmegaConf.select(cfg, "logger")}
@@ -68,7 +121,7 @@ def _job_state(folder: Path | None) -> dict:
     if bad:
         log.warning("%s: %d unreadable line(s) in %s skipped", folder.name, bad, QUALITY_FILE)
     if (folder / "metrics.json").exists():
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = with_current_names(json.loads((folder / "metrics.json").read_text()))  # a folder of any age
         if metrics.get("steps") and metrics.get("train_seconds") is not None:  # a single-stage sweep
             stage = OmegaConf.select(cfg, "stage")
             metrics.setdefault(f"{stage}_train_seconds", metrics["train_seconds"])
@@ -114,9 +167,26 @@ def _cell(metrics: dict, key: str | None) -> str:
     return f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
 
 
+def setup_columns(rows: list[dict]) -> list[str]:
+    """The setup columns a table shows: f, backbone and objective, and each other one whose value differs between
+    jobs (z_channels in SD3's latent-channel ablation, the regularizer, the prediction type)."""
+    def varies(column: str) -> bool:
+        return len({str(r["setup"].get(column)) for r in rows if r["setup"].get(column) is not None}) > 1
+
+    return SETUP[:SETUP_ALWAYS] + [c for c in SETUP[SETUP_ALWAYS:] if varies(c)]
+
+
+def lead(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The first columns of every table: the row label and the setup columns."""
+    shown = setup_columns(rows)
+    return ["row", *shown], [[r["label"]] + ["—" if r["setup"].get(c) is None else str(r["setup"][c]) for c in shown]
+                             for r in rows]
+
+
 def table(rows: list[dict], columns: list) -> tuple[list[str], list[list[str]], dict[str, dict]]:
-    """(header, cells, values) for `columns`; values[key][label] = (mean, spread) for the figures."""
-    header, cells, values = ["row"], [[r["label"]] for r in rows], {}
+    """(header, cells, values) for `columns` after the lead columns; values[key][label] = (mean, spread) for the
+    figures."""
+    (header, cells), values = lead(rows), {}
     for title, keys, prefixes in columns:
         found = [pick(r["metrics"], keys, prefixes) for r in rows]
         used = sorted({k for k in found if k})
@@ -140,17 +210,19 @@ def markdown(sweep: Path, rows: list[dict], figures: list[Path]) -> str:
              "Metric names follow the networks used: `fid`/`rfid` only with InceptionV3, `lpips` only with the "
              "ImageNet backbone; `fd_shapes`, `lpips_rand<net>` are not comparable to published numbers. "
              "± is one standard deviation over `eval.seeds` sampling seeds.", "", "## Jobs", ""]
-    lines += _md_table(["row", "status", "job"], [[r["label"], r["status"] + (f": {r['reason']}" if r["reason"]
-                                                                                 else ""), r["job"]] for r in rows])
-    times = [[r["label"]] + [f"{r['metrics'][k]:.0f}" if isinstance(r["metrics"].get(k), (int, float)) else "—"
-                             for _, k in TIMES] for r in rows]
+    first, firsts = lead(rows)
+    lines += _md_table([first[0], "status", *first[1:], "job"],
+                       [[c[0], r["status"] + (f": {r['reason']}" if r["reason"] else ""), *c[1:], r["job"]]
+                        for c, r in zip(firsts, rows)])
+    times = [c + [f"{r['metrics'][k]:.0f}" if isinstance(r["metrics"].get(k), (int, float)) else "—"
+                  for _, k in TIMES] for c, r in zip(firsts, rows)]
     for title, columns, direction in (
             ("Autoencoder (stage 1)", AUTOENCODER, "PSNR, SSIM ↑ higher is better; LPIPS variant, rFD ↓ lower"),
             ("Generation (stage 2, final EMA model)", GENERATION, "FD ↓ lower is better; caption alignment, "
                                                                   "samples/s ↑ higher")):
         header, cells, _ = table(rows, columns)
         lines += ["", f"## {title}", "", direction + ".", ""] + _md_table(header, cells)
-    lines += ["", "## Cost", ""] + _md_table(["row"] + [t for t, _ in TIMES], times)
+    lines += ["", "## Cost", ""] + _md_table(first + [t for t, _ in TIMES], times)
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
 

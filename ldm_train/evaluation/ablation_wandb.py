@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_train.evaluation.ablation import AUTOENCODER, GENERATION, quality_curves, table
+from ldm_train.evaluation.ablation import AUTOENCODER, GENERATION, lead, quality_curves, table
 from ldm_train.evaluation.metric_info import metric_info
 from ldm_train.evaluation.sweep import read_sweep
 
@@ -22,8 +22,10 @@ def log_to_wandb(sweep: Path, rows: list[dict], figures: dict[str, Path], logger
                      name=f"ablation-{sweep.name}", dir=str(sweep), mode=wandb_mode(logger.get("mode", "auto")),
                      reinit="finish_previous", config={"jobs": [r["job"] for r in rows],
                                                        "rows": [r["label"] for r in rows]})
-    data = {"ablation/table/jobs": wandb.Table(columns=["row", "status", "reason", "job"],
-                                         data=[[r["label"], r["status"], r["reason"], r["job"]] for r in rows])}
+    first, firsts = lead(rows)  # the row label and what it trained (f, backbone, objective, ...)
+    data = {"ablation/table/jobs": wandb.Table(columns=[*first, "status", "reason", "job"],
+                                               data=[[*c, r["status"], r["reason"], r["job"]]
+                                                     for c, r in zip(firsts, rows)])}
     for name, columns in (("autoencoder", AUTOENCODER), ("generation", GENERATION)):
         header, cells, _ = table(rows, columns)
         data[f"ablation/table/{name}"] = wandb.Table(columns=header, data=cells)

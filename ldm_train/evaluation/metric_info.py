@@ -29,9 +29,7 @@ class MetricInfo:
 
 # key prefix → (unit, higher is better); the longest matching prefix wins
 _RULES = {
-    "recon_psnr": ("dB", True), "psnr": ("dB", True),
-    "recon_ssim": ("", True), "ssim": ("", True),
-    "recon_lpips": ("", False), "lpips": ("", False),
+    "recon_psnr": ("dB", True), "recon_ssim": ("", True), "recon_lpips": ("", False), "recon_l1": ("", False),
     "rfid": ("", False), "rfd_": ("", False), "fid": ("", False), "fd_": ("", False),
     "caption_alignment": ("fraction of samples", True),
     "samples_per_second": ("samples/s", True),
@@ -46,3 +44,19 @@ def metric_info(key: str) -> MetricInfo:
         return MetricInfo(key, "", None)
     unit, higher = _RULES[max(matches, key=len)]
     return MetricInfo(key, unit, higher)
+
+
+# Stage 1 once logged its validation metrics without the `recon_` prefix that stage=evaluate uses; run folders and
+# artifacts written then still hold these keys.
+_OLD_RECON_KEYS = ("psnr", "ssim", "l1", "lpips")
+
+
+def current_name(key: str) -> str:
+    """The name a metric of a metrics.json has today: `psnr` → `recon_psnr`, `lpips_randalex` →
+    `recon_lpips_randalex`; every other key unchanged."""
+    return f"recon_{key}" if key in _OLD_RECON_KEYS or key.startswith("lpips_") else key
+
+
+def with_current_names(metrics: dict) -> dict:
+    """`metrics` with old keys renamed (`current_name`); a key present under both names keeps the current one."""
+    return {current_name(k): v for k, v in metrics.items() if current_name(k) == k or current_name(k) not in metrics}

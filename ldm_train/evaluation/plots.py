@@ -1,8 +1,9 @@
 """The ablation figures (matplotlib, no display needed): quality against training step, quality against sampling
-throughput, the autoencoder metrics per row, and the sample grid with one row per f.
+throughput, the autoencoder metrics per row, and the sample grid with one row per job.
 
 Every function returns a `Figure` (tests read its axes) and `save_figure` writes it. Axis labels carry the metric's
-honest key, its unit and the direction of better (`metric_info`); legends carry the rows' labels (e.g. `f=8`).
+honest key, its unit and the direction of better (`metric_info`); legends carry the rows' labels (the swept
+overrides, e.g. `f=8 · dit_tiny · flow`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def bars_figure(values: dict[str, dict[str, tuple[float, float | None]]], title:
         yerr = None if any(s is None for s in spreads) else spreads
         bars = ax.bar(range(len(labels)), means, yerr=yerr, capsize=3, color=[f"C{i}" for i in range(len(labels))])
         ax.bar_label(bars, fmt="%.4g", fontsize="small")
-        ax.set_xticks(range(len(labels)), labels)
+        long = max(map(len, labels), default=0) > 10  # `f=8 · dit_tiny · flow`: slanted, so labels do not overlap
+        ax.set_xticks(range(len(labels)), labels, rotation=25 if long else 0, ha="right" if long else "center")
         ax.set_xlabel("ablation row")
         ax.set_ylabel(metric_info(metric).label("\n"))
         ax.set_title(f"{title}: {metric}")

@@ -101,9 +101,10 @@ class AutoencoderModule(L.LightningModule):
         xrec = xrec.clamp(-1, 1)
         self.val_psnr.update(xrec, x)
         self.val_ssim.update(xrec, x)
-        self.log(f"val/{self.perceptual_name}", self.loss.perceptual(x, xrec).mean(), sync_dist=True,
+        # recon_*: the names stage=evaluate and the ablation report use for the same measurements
+        self.log(f"val/recon_{self.perceptual_name}", self.loss.perceptual(x, xrec).mean(), sync_dist=True,
                  batch_size=len(x))
-        self.log("val/l1", (x - xrec).abs().mean(), sync_dist=True, batch_size=len(x))
+        self.log("val/recon_l1", (x - xrec).abs().mean(), sync_dist=True, batch_size=len(x))
         if batch_idx == 0 and self.trainer.is_global_zero:
             n = min(8, len(x))
             grid = torch.cat([x[:n], xrec[:n]])
@@ -112,8 +113,8 @@ class AutoencoderModule(L.LightningModule):
                 self.logger.log_image("val/reconstructions", [str(path)], step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
-        self.log("val/ssim", self.val_ssim.compute())
+        self.log("val/recon_psnr", self.val_psnr.compute(), prog_bar=True)
+        self.log("val/recon_ssim", self.val_ssim.compute())
         self.val_psnr.reset()
         self.val_ssim.reset()
 

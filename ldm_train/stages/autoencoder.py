@@ -24,7 +24,7 @@ from ldm_train.stages.calibrate import calibrate_module
 from ldm_train.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-HEADLINE_METRIC = "psnr"  # what `main()` returns to a Hydra sweeper
+HEADLINE_METRIC = "recon_psnr"  # what `main()` returns to a Hydra sweeper
 
 
 def init_source(cfg: DictConfig) -> tuple[Path, dict] | None:

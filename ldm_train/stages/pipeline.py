@@ -9,6 +9,7 @@ import time
 from omegaconf import DictConfig
 
 from ldm_train.config import autoencoder_dir, resolved_arch, run_dir
+from ldm_train.evaluation.metric_info import with_current_names
 from ldm_train.lit.trainer import finish_logger
 from ldm_train.pipeline.artifacts import ArtifactError, load_autoencoder
 from ldm_train.pipeline.provenance import compare, provenance, read_provenance
@@ -44,7 +45,7 @@ def reusable_autoencoder(cfg: DictConfig) -> dict | None:
     elif explicit:
         log.warning("reusing stage 1 %s as given by autoencoder.path, although %s", path, why)
     if same or explicit:
-        return json.loads((path / "metrics.json").read_text())
+        return with_current_names(json.loads((path / "metrics.json").read_text()))  # an artifact of any age
     log.info("retraining stage 1 (%s): %s", path, why)
     return None
 
@@ -74,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     samples = sample_stage.run(cfg, out_dir=run_dir(cfg) / "samples")
     log.info("== evaluate ==")
     e_metrics = evaluate_stage.run(cfg, only=["autoencoder", "diffusion"])
-    metrics = {"recon_psnr": ae_metrics.get("psnr"), "scale_factor": ae_metrics.get("scale_factor"),
+    metrics = {"recon_psnr": ae_metrics.get("recon_psnr"), "scale_factor": ae_metrics.get("scale_factor"),
                **{k: v for k, v in d_metrics.items() if k.startswith("caption_alignment")},
                **e_metrics,  # recon_psnr over the whole validation set replaces stage 1's few-batch value
                "autoencoder_reused": reused,
