@@ -179,7 +179,8 @@ def test_adapter_loads_into_diffusers(sd1, tmp_path):
 
 def test_stage_diffusion_with_lora(sd1, tmp_path):
     """experiment=smoke stage=diffusion from the imported model with diffusion.lora.rank=4: 2 steps; the artifact's
-    U-Net differs from the base only in the targeted layers and equals diffusers' base + the written adapter."""
+    U-Net differs from the base only in the targeted layers and equals diffusers' base + the written adapter; the
+    checkpoint (the base stored once) resumes."""
     from diffusers import StableDiffusionPipeline
     from hydra import compose, initialize_config_dir
 
@@ -192,8 +193,19 @@ def test_stage_diffusion_with_lora(sd1, tmp_path):
                  "diffusion.max_steps=2", "diffusion.lr=1e-2", "diffusion.warmup_steps=0", "diffusion.batch_size=2",
                  "diffusion.val_every=2", "diffusion.latent_std_range=[0.0,100.0]", "diffusion.ema_decay=0.5",
                  "diffusion.lora.rank=4", f"paths.artifacts={root}", f"paths.run_dir={tmp_path / 'run'}"]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # lr=0 in the resumed run: a restart would keep B = 0 (its artifact equal to the base); resumed adapters are not
+    resume = [*overrides, "diffusion.max_steps=3", "diffusion.lr=0", "name=lora3",
+              f"paths.run_dir={tmp_path / 'run3'}", f"ckpt_path={ckpt}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         run(compose("config", overrides=overrides))
+        # the checkpoint holds the frozen base once: the EMA's copy is the same storage
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        key = next(k for k in state if k.startswith("unet.") and ".base_layer." in k)
+        assert state[key].untyped_storage().data_ptr() == state[f"ema.module.{key}"].untyped_storage().data_ptr()
+        assert run(compose("config", overrides=resume))["steps"] == 3
+    resumed = LatentDiffusionPipeline.from_artifact(root / "diffusion" / "lora3").denoiser.state_dict()
+    assert any(not torch.equal(resumed[k], v) for k, v in base.denoiser.state_dict().items())
     art = root / "diffusion" / "lora"
     tuned = LatentDiffusionPipeline.from_artifact(art)
     a, b = tuned.denoiser.state_dict(), base.denoiser.state_dict()
