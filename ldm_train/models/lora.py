@@ -25,7 +25,11 @@ def lora_enabled(lora_cfg: Mapping[str, Any] | None) -> bool:
 
 def lora_config(lora_cfg: Mapping[str, Any]):
     """peft's `LoraConfig` of a `diffusion.lora` node; alpha null means alpha = rank (scale 1)."""
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise ConfigError("diffusion.lora needs the peft package: pip install 'ldm_train[lora]' (or peft), or set "
+                          "diffusion.lora.rank=null") from exc
 
     rank = lora_cfg["rank"]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -65,7 +69,10 @@ def add_lora(unet: nn.Module, lora_cfg: Mapping[str, Any]) -> nn.Module:
 
 def has_lora(module: nn.Module) -> bool:
     """Whether `module` holds peft adapter layers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft there are no adapters
+        return False
 
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
