@@ -53,14 +53,14 @@ def _check_targets(unet: nn.Module, targets: list[str]) -> None:
 def add_lora(unet: nn.Module, lora_cfg: Mapping[str, Any]) -> nn.Module:
     """Freeze `unet` and inject peft LoRA adapters into the layers named by `target_modules` (suffixes of our
     module names), in place; only the adapters' A and B require gradients afterwards. Returns `unet`."""
-    from peft import inject_adapter_in_model
-
     from ldm_train.models.unet import UNet
 
     if not isinstance(unet, UNet):
         raise ConfigError(f"diffusion.lora works on the U-Net (unet kind=unet), not on a {type(unet).__name__}; "
                           "set diffusion.lora.rank=null or choose a U-Net config")
-    config = lora_config(lora_cfg)
+    config = lora_config(lora_cfg)  # first: without peft, it names the install command
+    from peft import inject_adapter_in_model
+
     _check_targets(unet, sorted(config.target_modules))
     unet.requires_grad_(False)
     inject_adapter_in_model(config, unet)
