@@ -5,6 +5,10 @@ modules next to our own sampling (max pixel difference).
     python scripts/bench_interop.py                   # SD-1.5 size (859.5M U-Net, 83.7M VAE, 123M CLIP text)
     python scripts/bench_interop.py --size tiny       # the tests' tiny pipeline (seconds)
     python scripts/bench_interop.py --ours artifacts/diffusion/kl_f4   # also: that model sampled by diffusers
+    python scripts/bench_interop.py --only lora       # LoRA rank 8 against full fine-tuning of the sd15 U-Net
+
+The LoRA row: trainable parameters and the median train-step time (forward, backward, AdamW; batch 1, 32×32
+latents, fp32, this machine's CPU threads) of peft LoRA on the attention projections against full fine-tuning.
 
 Each stage runs in a fresh `python -m ldm_train` process, so its peak RSS is its own (ru_maxrss of the child).
 """
@@ -114,12 +118,56 @@ def sampled_by_diffusers(artifact: Path, out: Path, steps: int = 20) -> float:
     return float(((ours - theirs) / 2).abs().max())
 
 
+def lora_vs_full(preset: str, rank: int = 8, latent: int = 32, steps: int = 3) -> dict:
+    """Trainable parameters and median step seconds (after one warm-up step) of LoRA rank `rank` (alpha = rank,
+    the default attention projections) and of full fine-tuning, on a randomly initialised U-Net `preset`."""
+    from ldm_train.models.lora import add_lora, parameter_counts
+    from ldm_train.models.unet import UNET_PRESETS, UNet
+
+    context_dim = UNET_PRESETS[preset]["context_dim"]
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, latent, latent, generator=g), torch.randn(1, 77, context_dim, generator=g)
+    t = torch.tensor([500])
+    row = {}
+    for mode in ("full", "lora"):
+        torch.manual_seed(0)
+        unet = UNet.from_preset(preset).train()
+        if mode == "lora":
+            add_lora(unet, {"rank": rank, "alpha": None, "dropout": 0.0, "target_modules": None})
+        trainable, total = parameter_counts(unet)
+        opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            loss = unet(x, t, ctx).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        step = sorted(times[1:])[len(times[1:]) // 2]
+        row.update({f"{mode}_trainable_params": trainable, f"{mode}_step_s": step})
+        row.setdefault("unet_params", total)  # the base U-Net (the full run, before adapters)
+        print(f"{preset} U-Net {mode:>4}: {trainable / 1e6:9.3f}M trainable of {total / 1e6:.1f}M, "
+              f"step {step * 1e3:.0f} ms (median of {steps}, batch 1, {latent}x{latent} latents)")
+        del unet, opt
+    row["lora_step_vs_full"] = row["lora_step_s"] / row["full_step_s"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
     parser.add_argument("--ours", type=Path, help="a diffusion artifact of ours to export and sample with diffusers")
+    parser.add_argument("--only", choices=["interop", "lora"],
+                        help="one row: interop (import, export, diffusers sampling) or lora (LoRA vs full fine-tuning)")
+    parser.add_argument("--lora-steps", type=int, default=3, help="timed steps per LoRA/full measurement")
     args = parser.parse_args()
     results = {}
+    if args.only in (None, "lora"):
+        results.update(lora_vs_full("sd15" if args.size == "sd15" else "tiny", steps=args.lora_steps))
+    if args.only == "lora":
+        print(json.dumps(results, indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="bench_interop_") as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()

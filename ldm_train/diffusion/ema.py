@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float | torch.Tens
     )
     dst, src = [], []
     for name, e in ema_params.items():
+        if e is params[name]:  # shared with the model (a frozen LoRA base): already equal, nothing to average
+            continue
         p = params[name].detach()
         if e.is_floating_point():
             dst.append(e)
@@ -57,11 +60,15 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float | torch.Tens
 
 class EMA(nn.Module):
     """Frozen eval-mode copy `module`, updated with decay = ema_decay(num_updates); `num_updates` counts the updates
-    made so far (the first update uses 2/11, as CompVis' LitEma)."""
+    made so far (the first update uses 2/11, as CompVis' LitEma). Parameters in `shared` (frozen ones only) are
+    the model's own tensors in the copy too."""
 
-    def __init__(self, model: nn.Module, max_decay: float = 0.9999) -> None:
+    def __init__(self, model: nn.Module, max_decay: float = 0.9999, shared: Iterable[nn.Parameter] = ()) -> None:
         super().__init__()
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # `shared` parameters are not copied: the EMA module holds the model's own tensors. For a frozen LoRA base
+        # the average of a constant is that constant, and a second copy would double the memory of an SD U-Net.
+        memo = {id(p): p for p in shared}
+        self.module = copy.deepcopy(model, memo).eval().requires_grad_(False)
         self.max_decay = max_decay
         # a buffer so the warm-up position survives checkpoint / resume
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))

@@ -15,6 +15,7 @@ from ldm_train.lit.checkpoints import check_state_shapes
 from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.optim import build_optimizer, build_scheduler
 from ldm_train.lit.trainer import clip_gradients, use_fused_optimizer
+from ldm_train.models.lora import frozen_parameters, has_lora
 from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 from ldm_train.utils.distributed import mean_logs_over_ranks, seed_per_rank
@@ -50,7 +51,9 @@ class DiffusionModule(L.LightningModule):
         if getattr(text_encoder, "trainable", False):
             parts["text_encoder"] = text_encoder
         self._trainable = [nn.ModuleDict(parts)]  # in a list: the same modules, not registered a second time
-        self.ema = EMA(self.trainable(), max_decay=cfg["ema_decay"])
+        # a LoRA'd U-Net: the EMA averages the adapters and shares the frozen base (no second copy of it)
+        self.ema = EMA(self.trainable(), max_decay=cfg["ema_decay"],
+                       shared=frozen_parameters(unet) if has_lora(unet) else ())
         self.force_drop: torch.Tensor | None = None  # tests set this to force CFG dropout
         # compiled lazily on first use; kept in a list so its parameters are not registered twice
         self._compiled: list[nn.Module] = [torch.compile(unet)] if cfg.get("compile") else []
@@ -59,7 +62,8 @@ class DiffusionModule(L.LightningModule):
         self._step_finite = True
 
     def trainable(self) -> nn.ModuleDict:
-        """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly."""
+        """What the optimizer and the EMA see: the U-Net, plus the text encoder when it trains jointly. Of a LoRA'd
+        U-Net only the adapters require gradients: the optimizer takes those alone."""
         return self._trainable[0]
 
     def ema_pipeline(self) -> LatentDiffusionPipeline:

@@ -17,6 +17,7 @@ from torch import nn
 from ldm_train.config import ConfigError
 from ldm_train.diffusion.parameterization import Parameterization, build_parameterization
 from ldm_train.models.denoisers import build_network
+from ldm_train.models.lora import has_lora, merged_copy
 from ldm_train.models.text import Conditioner, build_text_encoder
 from ldm_train.pipeline.artifacts import load_weights, read_diffusion, save_diffusion
 from ldm_train.pipeline.first_stage import FirstStage
@@ -130,10 +131,22 @@ class LatentDiffusionPipeline:
 
     def save(self, path: Path | str, metrics: dict, provenance: dict | None = None) -> None:
         """Write the diffusion artifact (atomically): denoiser, a jointly trained text encoder, config, the
-        autoencoder reference (path + content hash), metrics, and where the weights came from (provenance)."""
+        autoencoder reference (path + content hash), metrics, and where the weights came from (provenance). A LoRA'd
+        denoiser is stored merged (model.safetensors loads as any U-Net), its adapter alone in
+        `lora/pytorch_lora_weights.safetensors` (diffusers' `load_lora_weights` format)."""
         trained_text = self.text_encoder if getattr(self.text_encoder, "trainable", False) else None
-        save_diffusion(Path(path), self.denoiser, trained_text, self.config, self.first_stage.path, metrics,
-                       provenance)
+        denoiser, extra = self.denoiser, None
+        if has_lora(self.denoiser):  # LoRA: the merged U-Net, plus the adapter alone in diffusers' format
+            from ldm_train.interop.lora import save_diffusers_lora
+
+            denoiser = merged_copy(self.denoiser)
+            # diffusers' proj_in/proj_out layout of this model (SD 1.x: 1×1 convs); ours and SD 2.x: Linear
+            linear = bool(self.config.get("interop", {}).get("use_linear_projection", True))
+
+            def extra(tmp: Path) -> None:
+                save_diffusers_lora(self.denoiser, denoiser, tmp / "lora", linear)
+        save_diffusion(Path(path), denoiser, trained_text, self.config, self.first_stage.path, metrics,
+                       provenance, extra)
 
     def to(self, device: torch.device | str) -> LatentDiffusionPipeline:
         for part in (self.first_stage, self.denoiser, self.text_encoder):

@@ -26,6 +26,7 @@ from ldm_train.data.latents import check_cache, check_cache_buckets, read_info
 from ldm_train.evaluation.quality import build_quality_monitor
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
+from ldm_train.models.lora import add_lora, lora_enabled, parameter_counts
 from ldm_train.pipeline.first_stage import FirstStage
 from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 from ldm_train.pipeline.provenance import provenance
@@ -79,6 +80,12 @@ def run(cfg: DictConfig) -> dict:
             cfg.data.resolution = info["resolution"]
     pipeline = init or LatentDiffusionPipeline.build(first_stage, pipeline_config(cfg, first_stage))
     unet, text_encoder = pipeline.denoiser, pipeline.text_encoder
+    if lora_enabled(d.get("lora")):
+        add_lora(unet, OmegaConf.to_container(d.lora, resolve=True))
+        trainable, total = parameter_counts(unet)
+        log.info("LoRA rank %d (alpha %s) on %s: %.3fM trainable of %.2fM U-Net parameters%s", d.lora.rank,
+                 d.lora.alpha, list(unet.peft_config["default"].target_modules), trainable / 1e6, total / 1e6,
+                 "" if init else "; the base is a fresh random U-Net (set diffusion.init_from= to adapt a model)")
     train_ds, val_ds = build_datasets(cfg.data, caption_limit(text_encoder))
     probe_size = d.batch_size if bucketed(train_ds) else max(d.batch_size, 16)
     probe = next(iter(make_loader(train_ds, probe_size, True)))
