@@ -387,3 +387,19 @@ def test_make_shards_holds_out_a_validation_split_of_a_folder(tmp_path, capsys):
 
     train, val = captions("train"), captions("val")
     assert len(val) == 5 and not train & val and train | val == {f"image {i}" for i in range(20)}
+
+
+def test_the_command_printed_after_cache_latents_passes_the_checks(tmp_path, caplog):
+    """A one-shard cache: the printed stage-2 command gives data=latents one loader worker (the default 2 would be
+    refused: every worker needs a shard)."""
+    import shlex
+
+    from tests.test_data_cache import cache, random_artifact
+
+    ae = random_artifact(tmp_path, "kl")
+    with caplog.at_level("INFO"):
+        cache(tmp_path, ae, "kl", "cache.shard_size=1000", "data.train_size=40", "data.val_size=8")
+    command = caplog.text.split("train stage 2 on it with:\n  ", 1)[1].splitlines()[0]
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "ldm_train"] and "data.num_workers=1" in words
+    checked(*words[3:])  # passes the start-up checks as printed

@@ -14,7 +14,7 @@ import webdataset as wds
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_train.commands import suggest_command
-from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir
+from ldm_train.config import CONF_DIR, ConfigError, artifacts_root, autoencoder_dir
 from ldm_train.data import build_datasets, make_loader
 from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, summarize
 from ldm_train.data.latents import INFO_FILE, npy_bytes
@@ -107,7 +107,10 @@ def run(cfg: DictConfig) -> dict:
     n_train, n_val = (len(list(out.glob(f"{s}-*.tar"))) for s in ("train", "val"))
     urls = f"{out}/train-{{000000..{n_train - 1:06d}}}.tar"
     val_urls = f"{out}/val-{{000000..{n_val - 1:06d}}}.tar"
+    # every loader worker needs a shard of its own: a small cache gets as many workers as it has shards
+    workers = OmegaConf.load(CONF_DIR / "data" / "latents.yaml").num_workers
+    fewer = [f"data.num_workers={n_train}"] if n_train < workers else []
     log.info("wrote latent cache %s; train stage 2 on it with:\n  %s", out,
              suggest_command("stage=diffusion", f"f={cfg.f}", f"regularizer={cfg.regularizer.name}", "data=latents",
-                             f'data.urls="{urls}"', f'data.val_urls="{val_urls}"'))
+                             f'data.urls="{urls}"', f'data.val_urls="{val_urls}"', *fewer))
     return {"out": str(out), "train": counts["train"], "val": counts["val"]}
