@@ -107,9 +107,10 @@ def run(cfg: DictConfig) -> dict:
     n_train, n_val = (len(list(out.glob(f"{s}-*.tar"))) for s in ("train", "val"))
     urls = f"{out}/train-{{000000..{n_train - 1:06d}}}.tar"
     val_urls = f"{out}/val-{{000000..{n_val - 1:06d}}}.tar"
-    # every loader worker needs a shard of its own: a small cache gets as many workers as it has shards
+    # every loader worker needs a shard of its own (train and val loaders alike): a cache of fewer shards than the
+    # default workers gets as many workers as its smaller split has shards
     workers = OmegaConf.load(CONF_DIR / "data" / "latents.yaml").num_workers
-    fewer = [f"data.num_workers={n_train}"] if n_train < workers else []
+    fewer = [f"data.num_workers={min(n_train, n_val)}"] if min(n_train, n_val) < workers else []
     log.info("wrote latent cache %s; train stage 2 on it with:\n  %s", out,
              suggest_command("stage=diffusion", f"f={cfg.f}", f"regularizer={cfg.regularizer.name}", "data=latents",
                              f'data.urls="{urls}"', f'data.val_urls="{val_urls}"', *fewer))
