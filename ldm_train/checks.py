@@ -36,12 +36,14 @@ def check_run_inputs(cfg: DictConfig) -> None:
 
 
 def check_tensorboard() -> None:
-    """Lightning's TensorBoardLogger needs `tensorboard` (or `tensorboardX`), which `make setup` does not install."""
+    """Lightning's TensorBoardLogger needs `tensorboard` (or `tensorboardX`): `make setup` installs it (the dev
+    extra), a plain `pip install ldm_train` does not (the `tensorboard` extra does)."""
     import importlib.util
 
     if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise ConfigError("logger=tensorboard needs the tensorboard package: `pip install tensorboard`, or choose "
-                          "logger=csv (metrics.csv in the run folder), wandb or none")
+        raise ConfigError("logger=tensorboard needs the tensorboard package: `pip install tensorboard` (or "
+                          "ldm_train's `tensorboard` extra), or choose logger=csv (metrics.csv in the run folder), "
+                          "wandb or none")
 
 
 def check_artifacts(cfg: DictConfig) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -300,7 +301,7 @@ class Bench:
             except torch.cuda.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-        peak = resolve_peak_tflops("auto", torch.cuda.get_device_name(self.device), "bf16-mixed")
+        peak = resolve_peak_tflops(os.environ.get("PEAK_TFLOPS", "auto"), torch.device(self.device), "bf16-mixed")
         m = self.interleaved({k: step(net, *inputs) for k, net in nets.items()}, reps=5 if self.quick else 10)
         self.results.update(sd15_params=_params(unet), sd15_batch=b, sd15_gflops_per_step=flops / 1e9)
         for k, sec in m.items():

@@ -7,6 +7,8 @@
 #
 #   scripts/gpu_bench.sh --fetch-wheels   # here, once: the pure-Python packages a bare GPU machine lacks → .whl/
 #   scripts/gpu_bench.sh                  # there (carry .whl); figures and logs go to $OUT (default /tmp/gpu_bench)
+#   PEAK_TFLOPS=989.4 scripts/gpu_bench.sh   # the GPU's dense bf16 peak, where Lightning's table lacks its name
+#                                            # (e.g. a plain "NVIDIA H200"): MFU needs a peak
 #
 # The GPU machine's python3 has torch, lightning, transformers and safetensors but not hydra-core, omegaconf,
 # lpips, webdataset or diffusers: they are installed from .whl/ with --no-deps into a target folder on PYTHONPATH.
@@ -56,6 +58,7 @@ echo "== 2. smoke pipeline on the GPU (precision auto, MFU callback)"
 RUN=/tmp/gpu_bench_run
 rm -rf "$RUN"
 timeout 120 "$PY" -m ldm_train stage=pipeline experiment=smoke logger=csv trainer.accelerator=gpu \
+  trainer.peak_tflops="${PEAK_TFLOPS:-auto}" \
   paths.artifacts="$RUN/artifacts" hydra.run.dir="$RUN/run" >"$OUT/smoke_gpu.log" 2>&1
 echo "smoke pipeline exit status $? (log: $OUT/smoke_gpu.log)"
 grep -hE "precision|GFLOPs per device|Error|error" "$OUT/smoke_gpu.log" | head -8

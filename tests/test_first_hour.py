@@ -255,3 +255,151 @@ def test_help_says_what_ldm_train_is_and_what_to_try_first(tmp_path):
     assert stages == sorted(stages)  # in the order they run
     assert "experiment=smoke stage=pipeline" in out and "data: folder, latents, shapes, webdataset" in out
     assert "Powered by Hydra" not in out
+
+
+# ---------------------------------------------------------------------------------------------- one's own data
+
+
+def test_validation_prompts_come_from_the_users_data(tmp_path):
+    """Own data: captions drawn (seeded) from the validation split, never the shapes captions; shapes keeps its
+    own four (smoke: the first); prompts the user set are kept."""
+    from ldm_train.data import build_datasets
+    from ldm_train.data.prompts import validation_prompts
+
+    root = tmp_path / "imgs"
+    image_folder(root, 40)
+    cfg = compose_cfg(["experiment=smoke", "data=folder", f"data.root={root}", "data.val_fraction=0.25",
+                       "diffusion.val_num_prompts=3"])
+    _, val = build_datasets(cfg.data)
+    held_out = {f"image {int(Path(val.dataset.files[i]).stem)}" for i in val.indices}
+    drawn = validation_prompts(cfg.data, cfg.diffusion, val)
+    assert len(drawn) == len(set(drawn)) == 3 and set(drawn) <= held_out
+    assert validation_prompts(cfg.data, cfg.diffusion, val) == drawn  # seeded: the same every run
+    cfg.data.seed = 1  # another split and another draw
+    _, val1 = build_datasets(cfg.data)
+    assert validation_prompts(cfg.data, cfg.diffusion, val1) != drawn
+
+    shapes = compose_cfg([])
+    assert validation_prompts(shapes.data, shapes.diffusion, None) == [
+        "a red circle on the left", "a blue square at the top", "a green triangle on the right",
+        "a yellow circle in the center"]
+    smoke = compose_cfg(["experiment=smoke"])
+    assert validation_prompts(smoke.data, smoke.diffusion, None) == ["a red circle on the left"]
+    mine = compose_cfg(["experiment=smoke", "data=folder", f"data.root={root}", "diffusion.val_prompts=[a dog]"])
+    assert validation_prompts(mine.data, mine.diffusion, val) == ["a dog"]
+
+
+def test_smoke_does_not_force_the_shapes_feature_network_on_other_data(tmp_path, monkeypatch):
+    """experiment=smoke on a folder: eval.features=auto wants FID's Inception (or eval.features=none), never the
+    shapes network, whose Fréchet distance means nothing on other images."""
+    from ldm_train.evaluation import features
+    from ldm_train.evaluation.features import FeatureNetworkError, resolve_features
+
+    monkeypatch.setattr(features, "inception_available", lambda *a: False)  # as offline, whatever is installed
+    cfg = compose_cfg(["experiment=smoke", "data=folder", f"data.root={tmp_path}"])
+    with pytest.raises(FeatureNetworkError, match="InceptionV3"):
+        resolve_features(cfg.eval.features, cfg.data.name, tmp_path / "missing.safetensors", None,
+                         train_if_missing=False)
+    shapes = compose_cfg(["experiment=smoke"])
+    with pytest.raises(FeatureNetworkError, match="no shapes feature network"):  # shapes data still uses it
+        resolve_features(shapes.eval.features, shapes.data.name, tmp_path / "missing.safetensors", None,
+                         train_if_missing=False)
+
+
+def test_logger_tensorboard_works_after_make_setup(tmp_path):
+    """`make setup` installs the dev extra, which brings tensorboard; the logger writes event files that
+    tensorboard reads back with the values logged."""
+    import re
+
+    import lightning as L
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ldm_train.lit.trainer import build_logger
+
+    dev = re.search(r"^dev = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    assert '"tensorboard>=' in dev
+    assert "-e \".[dev]\"" in (ROOT / "Makefile").read_text()
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.seen: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            loss = (self.w * batch[0]).pow(2).mean()
+            self.seen.append(float(loss.detach()))
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = compose_cfg(["experiment=smoke", "logger=tensorboard", f"paths.run_dir={tmp_path}"])
+    checked("logger=tensorboard")
+    logger = build_logger(cfg, "autoencoder")
+    module = Tiny()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(1.0, 5.0)), batch_size=1)
+    L.Trainer(logger=logger, max_steps=4, log_every_n_steps=1, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, data)
+    events = list((tmp_path / "tensorboard" / "autoencoder").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/loss")]
+    assert logged == pytest.approx(module.seen, rel=1e-6)
+
+
+def test_sample_grids_place_each_image_under_its_caption_band():
+    """torchvision's make_grid lays the tiles out; each row sits below a 14 px caption band: tile i of a 2-wide grid
+    of 4×6 images enlarged twice starts at x = 2 + c·(12 + 2), y = 2 + r·(8 + 2 + 14) + 14."""
+    import torch
+
+    from ldm_train.utils.images import make_grid, to_uint8
+
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 4, 6) * 2 - 1
+    grid = np.asarray(make_grid(x, nrow=2, captions=["a", "bb", "c"], scale=2))
+    assert grid.shape == (2 + 3 * (8 + 2 + 14), 2 + 2 * (12 + 2), 3)
+    for i, tile in enumerate(to_uint8(x)):
+        r, c = divmod(i, 2)
+        top, left = 2 + r * (8 + 2 + 14) + 14, 2 + c * (12 + 2)
+        assert np.array_equal(grid[top:top + 8, left:left + 12], tile.repeat(2, 0).repeat(2, 1))
+    assert (grid[2 + 14 + 8:2 + 14 + 8 + 2] == 255).all()  # the white gap below a row
+
+
+def test_make_shards_holds_out_a_validation_split_of_a_folder(tmp_path, capsys):
+    """--val-fraction: the seeded held-out images go to val-*.tar (the command prints data.val_urls), the others
+    to train-*.tar; none in both, none lost."""
+    from ldm_train.data.make_shards import main as make_shards
+    from ldm_train.data.webdataset import ImageSampleDecoder, ShardStream
+
+    root = image_folder(tmp_path / "imgs", 20)
+    out = make_shards(["--folder", str(root), "--out", str(tmp_path / "shards"), "--val-fraction", "0.25"])
+    assert out["written"] == {"train": 15, "val": 5}
+    assert "data.val_urls=" in capsys.readouterr().out
+
+    def captions(split: str) -> set[str]:
+        urls = [str(p) for p in sorted((tmp_path / "shards").glob(f"{split}-*.tar"))]
+        stream = ShardStream(urls, ImageSampleDecoder(16), shardshuffle=False, shuffle_buffer=0)
+        return {item["caption"] for item in stream}
+
+    train, val = captions("train"), captions("val")
+    assert len(val) == 5 and not train & val and train | val == {f"image {i}" for i in range(20)}
+
+
+def test_the_command_printed_after_cache_latents_passes_the_checks(tmp_path, caplog):
+    """A one-shard cache: the printed stage-2 command gives data=latents one loader worker (the default 2 would be
+    refused: every worker needs a shard)."""
+    import shlex
+
+    from tests.test_data_cache import cache, random_artifact
+
+    ae = random_artifact(tmp_path, "kl")
+    with caplog.at_level("INFO"):
+        cache(tmp_path, ae, "kl", "cache.shard_size=1000", "data.train_size=40", "data.val_size=8")
+    command = caplog.text.split("train stage 2 on it with:\n  ", 1)[1].splitlines()[0]
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "ldm_train"] and "data.num_workers=1" in words
+    checked(*words[3:])  # passes the start-up checks as printed

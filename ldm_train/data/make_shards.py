@@ -1,6 +1,6 @@
 """Write WebDataset shards from an image folder (images + same-name .txt) or from the shapes dataset.
 
-    python -m ldm_train.data.make_shards --folder photos/ --out shards/ [--shard-size 1000] [--val-fraction 0.02]
+    python -m ldm_train.data.make_shards --folder photos/ --out shards/ [--shard-size 1000] [--val-fraction 0.1]
     python -m ldm_train.data.make_shards --shapes 50000 --resolution 64 --out shards/
 
 Folder images are checked with the training decoder (bad ones are skipped and counted by reason) and stored as
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -35,13 +36,16 @@ from ldm_train.utils.io import atomic_write_dir
 _EXT = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 
 
-def folder_samples(root: Path, counts: Counts, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
-    """Readable images under `root` (sorted), as shard samples; unreadable ones are counted and skipped."""
+def folder_samples(root: Path, counts: Counts, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   indices: list[int] | None = None) -> Iterator[dict]:
+    """Readable images under `root` (sorted; only those at `indices` when given), as shard samples; unreadable ones
+    are counted and skipped."""
     files = sorted((p for p in root.rglob("*") if p.suffix.lower() in DEFAULT_EXTENSIONS and p.is_file()),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(DEFAULT_EXTENSIONS)}) found below '{root}'")
-    for i, path in enumerate(tqdm(files, desc=f"checking {root}", unit="img")):
+    chosen = [(i, files[i]) for i in (range(len(files)) if indices is None else sorted(indices))]
+    for i, path in tqdm(chosen, desc=f"checking {root}", unit="img"):
         data = path.read_bytes()
         try:
             open_image(data, max_pixels, counts)
@@ -59,6 +63,17 @@ def folder_samples(root: Path, counts: Counts, max_pixels: int = DEFAULT_MAX_PIX
         # keys must not contain dots (webdataset splits a member name at its first dot)
         yield {"__key__": f"{i:09d}", ext: data, "txt": caption,
                "json": {"path": path.relative_to(root).as_posix(), "caption": caption}}
+
+
+def folder_split(root: Path, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices of the sorted image files under `root`: a seeded random `val_fraction` held out, at
+    least one image (none when val_fraction is 0), as `data=folder` holds out its validation split."""
+    from ldm_train.data import folder_val_size
+
+    n = sum(1 for p in root.rglob("*") if p.suffix.lower() in DEFAULT_EXTENSIONS and p.is_file())
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = folder_val_size(n, val_fraction) if val_fraction > 0 else 0
+    return order[n_val:], order[:n_val]
 
 
 def shapes_samples(n: int, resolution: int, split: str, seed: int, counts: Counts) -> Iterator[dict]:
@@ -92,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--resolution", type=int, default=64, help="--shapes only")
     p.add_argument("--val", type=int, default=0, help="--shapes: also N validation images")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="--folder: hold out this seeded random fraction (at least one image) as val-*.tar for "
+                        "data.val_urls, as data=folder holds out data.val_fraction; 0 (default): none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = p.parse_args(argv)
@@ -100,8 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def write(tmp: Path) -> None:
         if args.folder is not None:
-            written["train"] = write_shards(folder_samples(args.folder, counts, args.max_pixels),
+            train, val = folder_split(args.folder, args.val_fraction, args.seed)
+            written["train"] = write_shards(folder_samples(args.folder, counts, args.max_pixels, train),
                                             str(tmp / "train-%06d.tar"), args.shard_size)
+            if val:
+                written["val"] = write_shards(folder_samples(args.folder, counts, args.max_pixels, val),
+                                              str(tmp / "val-%06d.tar"), args.shard_size)
         else:
             written["train"] = write_shards(shapes_samples(args.shapes, args.resolution, "train", args.seed, counts),
                                             str(tmp / "train-%06d.tar"), args.shard_size)

@@ -9,13 +9,18 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm_train.utils.flops import mfu, resolve_peak_tflops
+from ldm_train.utils.flops import compute_dtype, mfu, resolve_peak_tflops
 
 log = logging.getLogger(__name__)
 
 
 class MFUMonitor(L.Callback):
     """Logs `perf/tflops` (achieved, per device), `perf/mfu` (when a peak is known) and `perf/batches_per_second`.
+
+    The peak comes from Lightning (`get_available_flops`) or `trainer.peak_tflops`. Lightning's ThroughputMonitor is
+    not used: it synchronises CUDA after every batch (here only at logging intervals, so no step waits on the host),
+    it needs the module to supply `flops_per_batch` (Lightning's `measure_flops` counts a forward and a loss
+    backward, not the optimizer, the EMA or stage 1's discriminator step), and it takes no configured peak.
 
     The first training batch runs under FlopCounterMode (forward, backward and optimizer, everything the step does,
     recomputation under gradient checkpointing included); it is left out of the timing, as is every batch before
@@ -35,10 +40,13 @@ class MFUMonitor(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = pl_module.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        self.peak_tflops = resolve_peak_tflops(self.peak_setting, name, trainer.precision)
-        if self.peak_tflops is None:
-            log.info("MFU not logged: no peak TFLOP/s known for %s (set trainer.peak_tflops)", name or device.type)
+        self.peak_tflops = resolve_peak_tflops(self.peak_setting, device, trainer.precision)
+        if self.peak_tflops is None and trainer.is_global_zero:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            why = "trainer.peak_tflops=null" if self.peak_setting in (None, "none") else \
+                f"Lightning's get_available_flops knows no peak for {name!r} at {compute_dtype(trainer.precision)}"
+            log.info("perf/tflops is logged, perf/mfu is not: %s; set trainer.peak_tflops=<the device's dense "
+                     "peak TFLOP/s> for MFU", why)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self.flops_per_batch is None and self._counter is None:

@@ -160,6 +160,11 @@ class LatentDiffusionPipeline:
     # ------------------------------------------------------------------------------------------------ sample
 
     @torch.no_grad()
+    def sampling_settings(self, **given) -> dict:
+        """The settings `generate(**given)` samples with: the pipeline's defaults (`config["sampling"]`) overridden by
+        the given values that are not None."""
+        return {**self.sampling, **{k: v for k, v in given.items() if v is not None}}
+
     def generate(self, prompts: list[str], *, sampler: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, eta: float | None = None, seed: int | None = None,
                  negative_prompt: str = "", labels: torch.Tensor | None = None,
@@ -180,10 +185,10 @@ class LatentDiffusionPipeline:
         flow). A size-conditioned model is told `original_size` (default: the target size) and `crop_top_left`
         (default: no crop); the unconditional CFG branch gets zeros, as in training's dropout.
         """
-        given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta, seed=seed,
-                     timestep_spacing=timestep_spacing, steps_offset=steps_offset, final_alpha_one=final_alpha_one,
-                     guidance_rescale=guidance_rescale, height=height, width=width)
-        s = {**self.sampling, **{k: v for k, v in given.items() if v is not None}}
+        s = self.sampling_settings(sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta, seed=seed,
+                                   timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                                   final_alpha_one=final_alpha_one, guidance_rescale=guidance_rescale, height=height,
+                                   width=width)
         device, n = self.device, len(prompts)
         gen = torch.Generator(device="cpu").manual_seed(int(s["seed"]))
         context = self.text_encoder(list(prompts), labels=labels)  # (N, L, D)

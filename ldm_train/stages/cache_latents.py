@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import default_collate
 
 from ldm_train.commands import suggest_command
-from ldm_train.config import ConfigError, artifacts_root, autoencoder_dir
+from ldm_train.config import CONF_DIR, ConfigError, artifacts_root, autoencoder_dir
 from ldm_train.data import build_datasets, config_buckets, make_loader
 from ldm_train.data.buckets import stream_bucket_batches
 from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, summarize
@@ -134,7 +134,11 @@ def run(cfg: DictConfig) -> dict:
     n_train, n_val = (len(list(out.glob(f"{s}-*.tar"))) for s in ("train", "val"))
     urls = f"{out}/train-{{000000..{n_train - 1:06d}}}.tar"
     val_urls = f"{out}/val-{{000000..{n_val - 1:06d}}}.tar"
+    # every loader worker needs a shard of its own (train and val loaders alike): a cache of fewer shards than the
+    # default workers gets as many workers as its smaller split has shards
+    workers = OmegaConf.load(CONF_DIR / "data" / "latents.yaml").num_workers
+    fewer = [f"data.num_workers={min(n_train, n_val)}"] if min(n_train, n_val) < workers else []
     log.info("wrote latent cache %s; train stage 2 on it with:\n  %s", out,
              suggest_command("stage=diffusion", f"f={cfg.f}", f"regularizer={cfg.regularizer.name}", "data=latents",
-                             f'data.urls="{urls}"', f'data.val_urls="{val_urls}"'))
+                             f'data.urls="{urls}"', f'data.val_urls="{val_urls}"', *fewer))
     return {"out": str(out), "train": counts["train"], "val": counts["val"]}

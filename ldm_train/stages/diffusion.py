@@ -23,6 +23,7 @@ from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.data.images import caption_limit
 from ldm_train.data.latents import check_cache, check_cache_buckets, read_info
+from ldm_train.data.prompts import validation_prompts
 from ldm_train.evaluation.quality import build_quality_monitor
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.lit.trainer import build_trainer, global_batch, save_final_checkpoint
@@ -99,7 +100,9 @@ def run(cfg: DictConfig) -> dict:
     alignment = None
     if cfg.data.name == "shapes":
         from ldm_train.data.shapes import caption_alignment as alignment
-    module = DiffusionModule(pipeline, OmegaConf.to_container(d, resolve=True), out_dir=str(run_dir(cfg)),
+    module_cfg = OmegaConf.to_container(d, resolve=True)
+    module_cfg["val_prompts"] = validation_prompts(cfg.data, d, val_ds)
+    module = DiffusionModule(pipeline, module_cfg, out_dir=str(run_dir(cfg)),
                              alignment_fn=alignment, channels_last=cfg.trainer.get("channels_last", True))
     callbacks = [DataHealth(cfg.data.get("max_skip_fraction", 0.05))]
     quality = build_quality_monitor(cfg, run_dir(cfg))  # sample quality against the step (diffusion.eval_every)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -35,6 +36,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
 
 
+def how_sampled(cfg: DictConfig, pipe: LatentDiffusionPipeline, images: torch.Tensor) -> dict:
+    """What makes these samples repeatable, stored with them: the negative prompt, the batch's noise seed (image i is
+    position `batch_index` = i of that batch), the sampler (auto resolved), steps, guidance, η, size and model."""
+    s = pipe.sampling_settings(**cfg.sampling)
+    settings = {"negative_prompt": cfg.negative_prompt, "seed": int(s["seed"]), "batch_size": len(images),
+                "sampler": pipe.parameterization.sampler_name(s["sampler"]), "steps": int(s["steps"]),
+                "guidance_scale": float(s["guidance_scale"]), "eta": float(s["eta"]),
+                "height": images.shape[-2], "width": images.shape[-1], "model": str(diffusion_dir(cfg))}
+    if cfg.init_image:
+        settings.update(init_image=str(cfg.init_image), strength=float(cfg.strength))
+    return settings
+
+
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Sample `prompt` × `n_per_prompt` with `sampling.*` into `out_dir` (default `out_dir` config, else
     <run dir>/samples)."""
@@ -45,13 +59,18 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     init = load_image(cfg.init_image, pipe.resolution) if cfg.init_image else None
     images = pipe.generate(expanded, **cfg.sampling, negative_prompt=cfg.negative_prompt, labels=labels,
                            init_image=init, strength=cfg.strength)
+    settings = how_sampled(cfg, pipe, images)
     out = Path(out_dir or cfg.out_dir or run_dir(cfg) / "samples")
     grid = save_grid(images, out / "grid.png", nrow=cfg.n_per_prompt, captions=prompts,
-                     scale=max(1, 128 // pipe.resolution))
+                     scale=max(1, 128 // pipe.resolution), text={**settings, "prompts": json.dumps(prompts)})
+    files = []
     for i, img in enumerate(images):
-        save_png(img, out / f"{i // cfg.n_per_prompt:02d}_{slug(expanded[i])}_{i % cfg.n_per_prompt}.png")
-    log.info("wrote %s and %d single PNGs in %s", grid, len(images), out)
-    result = {"grid": str(grid), "num_images": len(images)}
+        name = f"{i // cfg.n_per_prompt:02d}_{slug(expanded[i])}_{i % cfg.n_per_prompt}.png"
+        save_png(img, out / name, {"prompt": expanded[i], **settings, "batch_index": i})
+        files.append({"file": name, "prompt": expanded[i], "batch_index": i})
+    log.info("wrote %s and %d single PNGs in %s (how each was made: in its PNG text and metrics.json)", grid,
+             len(images), out)
+    result = {"grid": str(grid), "num_images": len(images), "sampling": settings, "images": files}
     if pipe.config.get("data") == "shapes" and labels is None:
         from ldm_train.data.shapes import caption_alignment
 

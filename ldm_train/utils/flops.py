@@ -1,4 +1,5 @@
-"""FLOPs of a training step (torch's FlopCounterMode) and model-FLOPs utilisation against a device's peak."""
+"""FLOPs of a training step (torch's FlopCounterMode) and model-FLOPs utilisation against a device's peak (Lightning's
+table, or `trainer.peak_tflops`)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,21 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense (no sparsity) peak TFLOP/s from the vendors' data sheets, SXM parts; "fp32" is the tensor-core TF32 rate
-# only when TF32 matmuls are allowed, else the plain FP32 rate. Matched by substring of the CUDA device name.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
-}
 
-
-def precision_class(precision: str | int) -> str:
-    """Lightning precision → the peak column it runs at: "bf16" (bf16/fp16 math), "tf32" or "fp32"."""
+def compute_dtype(precision: str | int) -> torch.dtype:
+    """Lightning precision → the dtype its matmuls run in: "bf16-mixed" → bfloat16, "16-mixed" → float16, …"""
     p = str(precision)
-    if "bf16" in p or p.startswith("16"):
-        return "bf16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    if "bf16" in p:
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    return torch.float64 if p.startswith("64") else torch.float32
 
 
-def resolve_peak_tflops(setting: float | str | None, device_name: str | None, precision: str | int) -> float | None:
-    """`trainer.peak_tflops`: a number is used as given; "auto" looks the device name up in PEAK_TFLOPS; None = none.
-
-    Returns None when no peak is known (e.g. a CPU without a configured figure): MFU is then not logged.
-    """
+def resolve_peak_tflops(setting: float | str | None, device: torch.device, precision: str | int) -> float | None:
+    """`trainer.peak_tflops`: a number is used as given; "auto" asks Lightning's `get_available_flops` (its table of
+    GPUs and TPUs, by device name and compute dtype; fp32 counts at the TF32 rate when matmuls may use it); None =
+    none. Returns None when no peak is known (a CPU, a GPU Lightning's table lacks): MFU is then not logged."""
     if setting is None or setting == "none":
         return None
     if setting != "auto":
@@ -37,10 +31,10 @@ def resolve_peak_tflops(setting: float | str | None, device_name: str | None, pr
         if peak <= 0:
             raise ValueError(f"trainer.peak_tflops must be positive, 'auto' or null, got {setting!r}")
         return peak
-    for key, row in PEAK_TFLOPS.items():
-        if device_name and key in device_name.upper():
-            return row[precision_class(precision)]
-    return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    flops = get_available_flops(torch.device(device), compute_dtype(precision))
+    return flops / 1e12 if flops else None
 
 
 def mfu(flops_per_step: float, steps: int, seconds: float, peak_tflops: float) -> float:

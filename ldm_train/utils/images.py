@@ -17,43 +17,52 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).cpu().numpy()
 
 
-def save_image(img: Image.Image, path: Path) -> Path:
-    """PNG-encode in memory, then write atomically: an interrupted write leaves the previous file intact."""
+def save_image(img: Image.Image, path: Path, text: dict[str, object] | None = None) -> Path:
+    """PNG-encode in memory, then write atomically: an interrupted write leaves the previous file intact. `text`
+    becomes PNG text chunks (key → str(value)), e.g. how a sample was made."""
+    from PIL.PngImagePlugin import PngInfo
+
     from ldm_train.utils.io import atomic_write_bytes
 
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, str(value))  # international text: prompts need not be Latin-1
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
 
 
-def save_png(x: torch.Tensor, path: Path) -> None:
-    save_image(Image.fromarray(to_uint8(x)), path)
+def save_png(x: torch.Tensor, path: Path, text: dict[str, object] | None = None) -> Path:
+    return save_image(Image.fromarray(to_uint8(x)), path, text)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, captions: list[str] | None = None,
               scale: int = 1) -> Image.Image:
-    """A grid of (B, 3, H, W) images in [-1, 1]; `captions` (one per row) are written above each row."""
-    arr = to_uint8(images)
-    b, h, w, _ = arr.shape
+    """A grid of (B, 3, H, W) images in [-1, 1] (torchvision's `make_grid`, `nrow` per row, 2 px white gaps, tiles
+    enlarged `scale` times); `captions` (one per row) are written in a 14 px band above each row."""
+    from torchvision.utils import make_grid as tv_make_grid
+
+    pad, cap_h = 2, 14
+    x = images.detach().float().clamp(-1, 1).cpu()
+    x = x.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)  # nearest-neighbour enlargement
+    b, _, h, _ = x.shape
     nrow = nrow or math.ceil(math.sqrt(b))
-    ncol_rows = math.ceil(b / nrow)
-    h, w = h * scale, w * scale
-    cap_h = 14 if captions else 0
-    pad = 2
-    width = max(nrow * (w + pad) + pad, 8 * max((len(c) for c in captions), default=0) if captions else 0)
-    grid = Image.new("RGB", (width, ncol_rows * (h + pad + cap_h) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i in range(b):
-        r, c = divmod(i, nrow)
+    grid = Image.fromarray(to_uint8(tv_make_grid(x, nrow=nrow, padding=pad, pad_value=1.0)))
+    if not captions:
+        return grid
+    rows = math.ceil(b / nrow)
+    width = max(grid.width, 8 * max(len(c) for c in captions))
+    out = Image.new("RGB", (width, grid.height + rows * cap_h), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for r in range(rows):  # each row strip (its tiles and the gap below) moves down by the bands above it
         top = pad + r * (h + pad + cap_h)
-        if captions and c == 0 and r < len(captions):
+        if r < len(captions):
             draw.text((pad, top), captions[r], fill=(0, 0, 0))
-        tile = Image.fromarray(arr[i]).resize((w, h), Image.NEAREST)
-        grid.paste(tile, (pad + c * (w + pad), top + cap_h))
-    return grid
+        out.paste(grid.crop((0, pad + r * (h + pad), grid.width, pad + (r + 1) * (h + pad))), (0, top + cap_h))
+    return out
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None,
-              scale: int = 1) -> Path:
-    return save_image(make_grid(images, nrow, captions, scale), path)
+              scale: int = 1, text: dict[str, object] | None = None) -> Path:
+    return save_image(make_grid(images, nrow, captions, scale), path, text)
