@@ -1,0 +1,175 @@
+"""Original single-file checkpoints (CompVis key names): `stage=export format=single_file` is read by diffusers' own
+`from_single_file`, round-trips bit-identically through `stage=import`, and a file without our metadata imports
+from its shapes plus the `import.*` options; bad files are refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("diffusers")
+sys.path.insert(0, str(Path(__file__).parent))
+from sd_tiny import tiny_sd  # noqa: E402
+
+from ldm_train.interop.keys import KeyMismatchError  # noqa: E402
+from ldm_train.interop.weights import UnsafeWeightsError  # noqa: E402
+
+# what the tiny pipelines' shapes cannot tell (the real SD defaults are 8 heads / width 64, 32 groups, 512/768 px)
+SHAPE_OPTIONS = {1: ["import.num_heads=4", "import.prediction_type=eps"],
+                 2: ["import.head_channels=8", "import.prediction_type=v", "import.upcast_attention=true"]}
+TINY = ["import.norm_groups=8", "import.text_heads=4", "import.resolution=64"]
+
+
+def run_stage(compose_cfg, root: Path, *overrides: str) -> dict:
+    from ldm_train.__main__ import run
+
+    return run(compose_cfg([*overrides, f"paths.artifacts={root}", "logger=none", f"paths.run_dir={root / 'run'}"]))
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["sd1", "sd2"])
+def exported(request, tmp_path_factory, compose_cfg):
+    """(version, diffusers folder, artifacts root with `sd` imported from it, the exported single file)."""
+    version = request.param
+    base = tmp_path_factory.mktemp(f"single{version}")
+    folder = base / "pipe"
+    tiny_sd(folder, version=version, prediction_type="epsilon" if version == 1 else "v_prediction")
+    root = base / "artifacts"
+    run_stage(compose_cfg, root, "stage=import", f"source={folder}", "name=sd")
+    out = base / "sd.safetensors"
+    metrics = run_stage(compose_cfg, root, "stage=export", "format=single_file", "name=sd", f"out={out}")
+    assert metrics["complete_pipeline"] is True and not metrics["notes"]  # tiny towers are CLIP (quick_gelu)
+    return version, folder, root, out
+
+
+def _equal_dicts(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _artifact_tensors(root: Path, name: str) -> dict[str, dict]:
+    return {"vae": load_file(str(root / "autoencoder" / name / "model.safetensors")),
+            "unet": load_file(str(root / "diffusion" / name / "model.safetensors")),
+            "text": load_file(str(root / "diffusion" / name / "clip" / "model.safetensors"))}
+
+
+def test_export_has_original_names_and_diffusers_reads_it(exported):
+    """diffusers' own single-file loader (configs from the source folder, offline) gets the source's tensors."""
+    from diffusers import StableDiffusionPipeline
+
+    _, folder, _, out = exported
+    keys = load_file(str(out)).keys()
+    assert {k.split(".")[0] for k in keys} == {"first_stage_model", "model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.encoder.mid.attn_1.q.weight" in keys
+    ref = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(folder), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    for part in ("unet", "vae", "text_encoder"):
+        assert _equal_dicts(getattr(pipe, part).state_dict(), getattr(ref, part).state_dict()), part
+
+
+def test_single_file_round_trip_bit_identical(exported, compose_cfg):
+    """export → import (configs from the file's metadata): every tensor and the model's conventions equal."""
+    from ldm_train.pipeline.artifacts import read_diffusion
+
+    _, _, root, out = exported
+    run_stage(compose_cfg, root, "stage=import", f"source={out}", "name=back")
+    a, b = _artifact_tensors(root, "sd"), _artifact_tensors(root, "back")
+    for part in a:
+        assert _equal_dicts(a[part], b[part]), part
+    sd, back = read_diffusion(root / "diffusion" / "sd")[0], read_diffusion(root / "diffusion" / "back")[0]
+    for key in ("unet", "diffusion", "sampling", "resolution", "f"):
+        assert sd[key] == back[key], key
+
+
+def test_import_from_shapes_and_options(exported, tmp_path, compose_cfg):
+    """A file without our metadata (as SD releases are): configs from the shapes, the import.* options and the
+    given tokenizer give the same model as the diffusers folder."""
+    from ldm_train.config import ConfigError
+    from ldm_train.pipeline.artifacts import read_diffusion
+
+    version, folder, root, out = exported
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(out)), str(bare))  # no metadata
+    with pytest.raises(ConfigError, match="import.tokenizer="):
+        run_stage(compose_cfg, tmp_path / "a", "stage=import", f"source={bare}", "name=x")
+    assert not (tmp_path / "a" / "autoencoder").exists()
+    run_stage(compose_cfg, tmp_path / "a", "stage=import", f"source={bare}", "name=x",
+              f"import.tokenizer={folder / 'tokenizer'}", *TINY, *SHAPE_OPTIONS[version])
+    a, b = _artifact_tensors(root, "sd"), _artifact_tensors(tmp_path / "a", "x")
+    for part in a:
+        assert _equal_dicts(a[part], b[part]), part
+    sd, x = read_diffusion(root / "diffusion" / "sd")[0], read_diffusion(tmp_path / "a" / "diffusion" / "x")[0]
+    for key in ("unet", "diffusion", "resolution"):
+        assert sd[key] == x[key], key
+    for key in ("timestep_spacing", "steps_offset", "final_alpha_one"):  # SD's scheduler: leading, 1, False
+        assert sd["sampling"][key] == x["sampling"][key], key
+    # import.config=<diffusers folder>: its configs and tokenizer, no other option needed
+    run_stage(compose_cfg, tmp_path / "c", "stage=import", f"source={bare}", "name=x", f"import.config={folder}")
+    assert _equal_dicts(a["unet"], _artifact_tensors(tmp_path / "c", "x")["unet"])
+
+
+def test_sd_defaults_inferred():
+    """Without options: SD 1.x (CLIP tower) → ε at 512 px; SD 2.x (OpenCLIP) → v at 768 px with fp32 attention."""
+    from ldm_train.interop.single_file import _sd_defaults
+
+    assert _sd_defaults("sd1", {}) == ("epsilon", 512, False)
+    assert _sd_defaults("sd2", {"prediction_type": "auto"}) == ("v_prediction", 768, True)
+    assert _sd_defaults("sd2", {"prediction_type": "eps", "resolution": 512}) == ("epsilon", 512, True)
+
+
+def test_ckpt_and_bad_files(exported, tmp_path, compose_cfg):
+    """.ckpt (a `state_dict` wrapper) through weights_only; a pickle with code refused unrun; an unexpected tensor
+    listed; a VAE-only file imports as an autoencoder. Nothing is written on failure."""
+    version, _, root, out = exported
+    if version == 2:
+        pytest.skip("the file handling is the same for both versions")
+    state = load_file(str(out))
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {**state, "betas": torch.linspace(0, 1, 5)}, "global_step": 3}, ckpt)
+    ours = tmp_path / "ok"
+    run_stage(compose_cfg, ours, "stage=import", f"source={ckpt}", "name=x", f"import.config={out.parent / 'pipe'}")
+    assert _equal_dicts(_artifact_tensors(root, "sd")["vae"], _artifact_tensors(ours, "x")["vae"])
+
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": state, "payload": _Payload(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(UnsafeWeightsError, match="refused without being run"):
+        run_stage(compose_cfg, tmp_path / "e", "stage=import", f"source={tmp_path / 'evil.ckpt'}", "name=x")
+    assert not marker.exists() and not (tmp_path / "e" / "autoencoder").exists()
+
+    extra = tmp_path / "extra.safetensors"
+    save_file({**state, "model.diffusion_model.extra.weight": torch.zeros(2)}, str(extra),
+              metadata=_metadata(out))
+    with pytest.raises(KeyMismatchError, match=r"model\.diffusion_model\.extra\.weight"):
+        run_stage(compose_cfg, tmp_path / "u", "stage=import", f"source={extra}", "name=x")
+    assert not (tmp_path / "u" / "autoencoder").exists()
+
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v for k, v in state.items()
+               if k.startswith("first_stage_model.")}, str(vae_only))
+    metrics = run_stage(compose_cfg, tmp_path / "v", "stage=import", f"source={vae_only}", "name=vae",
+                        "import.norm_groups=8", "import.resolution=64")
+    assert metrics["diffusion"] is None
+    assert _equal_dicts(_artifact_tensors(root, "sd")["vae"],
+                        load_file(str(tmp_path / "v" / "autoencoder" / "vae" / "model.safetensors")))
+    cal = json.loads((tmp_path / "v" / "autoencoder" / "vae" / "calibration.json").read_text())
+    assert cal["scale_factor"] == 0.18215
+
+
+class _Payload:
+    """Unpickling this runs `open(marker, "w")`: the file appears if the loader executed the pickle's code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _metadata(path: Path) -> dict:
+    from ldm_train.interop.weights import read_metadata
+
+    return read_metadata(path)
