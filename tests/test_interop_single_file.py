@@ -60,10 +60,14 @@ def test_export_has_original_names_and_diffusers_reads_it(exported):
     """diffusers' own single-file loader (configs from the source folder, offline) gets the source's tensors."""
     from diffusers import StableDiffusionPipeline
 
-    _, folder, _, out = exported
+    version, folder, _, out = exported
     keys = load_file(str(out)).keys()
+    # the original U-Net puts an output block's upsampler after its attention (index 2), else at index 1; diffusers'
+    # converter reads either, so this is checked by name (1 res block per level + 1 on the way up: block 1)
+    upsampler = f"model.diffusion_model.output_blocks.1.{1 if version == 1 else 2}.conv.weight"
+    assert upsampler in keys
     assert {k.split(".")[0] for k in keys} == {"first_stage_model", "model", "cond_stage_model"}
-    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.encoder.mid.attn_1.q.weight" in keys
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.mid.attn_1.q.weight"} <= keys
     ref = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(folder), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
@@ -173,3 +177,43 @@ def _metadata(path: Path) -> dict:
     from ldm_train.interop.weights import read_metadata
 
     return read_metadata(path)
+
+
+def _open_clip_layout(model, prefix: str = "cond_stage_model.model.") -> dict:
+    """A transformers CLIP text tower written out in OpenCLIP's names (fused in_proj, c_fc/c_proj, resblocks)."""
+    sd, out = model.state_dict(), {}
+    out[prefix + "token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
+    out[prefix + "positional_embedding"] = sd["embeddings.position_embedding.weight"]
+    out[prefix + "ln_final.weight"], out[prefix + "ln_final.bias"] = (sd["final_layer_norm.weight"],
+                                                                       sd["final_layer_norm.bias"])
+    out[prefix + "text_projection"] = torch.randn(32, 32)
+    for i in range(model.config.num_hidden_layers):
+        a, b = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[b + f"attn.in_proj_{p}"] = torch.cat([sd[a + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
+            out[b + f"attn.out_proj.{p}"] = sd[a + f"self_attn.out_proj.{p}"]
+            out[b + f"ln_1.{p}"], out[b + f"ln_2.{p}"] = sd[a + f"layer_norm1.{p}"], sd[a + f"layer_norm2.{p}"]
+            out[b + f"mlp.c_fc.{p}"], out[b + f"mlp.c_proj.{p}"] = sd[a + f"mlp.fc1.{p}"], sd[a + f"mlp.fc2.{p}"]
+    return out
+
+
+def test_open_clip_tower_imports_without_its_last_layer(tmp_path):
+    """SD 2.x files hold OpenCLIP's text tower: diffusers' converter (via ours) gives transformers' CLIP tower
+    minus the final layer (SD 2.x conditions on the penultimate one), with the file's final LayerNorm."""
+    from sd_tiny import tiny_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_train.interop.single_file import Layout, _text_model
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    full = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=16,
+                                        hidden_act="gelu"))
+    state = _open_clip_layout(full)
+    layout = Layout(None, {}, None, None, tmp_path / "tok", "test")
+    model, _, used = _text_model(state, "sd2", layout, {"text_heads": 4})
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_act == "gelu"
+    ref = {k: v for k, v in full.state_dict().items() if not k.startswith("encoder.layers.2.")}
+    assert _equal_dicts(model.state_dict(), ref)
+    assert used == set(state)  # every tensor accounted for (the last layer and text_projection as left out)

@@ -219,7 +219,8 @@ def _unet_original(key: str, layers: int, attention_up: set[int], top: Mapping[s
             return f"input_blocks.{(b + 1) * (layers + 1)}.0.op.{rest.removeprefix('conv.')}"
         if kind == "upsamplers":
             return f"output_blocks.{b * (layers + 1) + layers}.{2 if b in attention_up else 1}.{rest}"
-        block = f"input_blocks.{1 + b * (layers + 1) + j}" if side == "down" else f"output_blocks.{b * (layers + 1) + j}"
+        block = (f"input_blocks.{1 + b * (layers + 1) + j}" if side == "down"
+                 else f"output_blocks.{b * (layers + 1) + j}")
         return f"{block}.0.{_resnet_original(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
     m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)$", key)
     if m:
