@@ -217,3 +217,28 @@ def test_open_clip_tower_imports_without_its_last_layer(tmp_path):
     ref = {k: v for k, v in full.state_dict().items() if not k.startswith("encoder.layers.2.")}
     assert _equal_dicts(model.state_dict(), ref)
     assert used == set(state)  # every tensor accounted for (the last layer and text_projection as left out)
+
+
+def test_calibration_keeps_stored_factor_and_records_measured(exported, tmp_path, compose_cfg):
+    """calibration.json: the stored 0.18215 is the factor used; the one measured on the command's data (shapes
+    validation images at the model's resolution) is recorded next to it and equals 1/std of diffusers' VAE mode."""
+    from diffusers import AutoencoderKL
+
+    from ldm_train.data.shapes import ShapesDataset
+    from ldm_train.pipeline.first_stage import FirstStage
+
+    version, folder, _, out = exported
+    if version == 2:
+        pytest.skip("one VAE layout")
+    root = tmp_path / "m"
+    run_stage(compose_cfg, root, "stage=import", f"source={out}", "name=x", "import.measure_samples=3",
+              "autoencoder.calibration.latent=mode")
+    cal = json.loads((root / "autoencoder" / "x" / "calibration.json").read_text())
+    val = ShapesDataset(64, compose_cfg([]).data.val_size, "val", compose_cfg([]).data.seed)
+    images = torch.stack([val[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        z = AutoencoderKL.from_pretrained(folder / "vae").encode(images).latent_dist.mode().double()
+    assert cal["measured"]["num_samples"] == 3 and "shapes" in cal["measured"]["on"]
+    assert cal["measured"]["scale_factor"] == pytest.approx(1 / float(z.std()), rel=1e-4)
+    assert cal["scale_factor"] == 0.18215 != pytest.approx(cal["measured"]["scale_factor"], rel=1e-3)
+    assert FirstStage.from_artifact(root / "autoencoder" / "x").scale_factor == 0.18215
