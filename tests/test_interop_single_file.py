@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -242,3 +243,39 @@ def test_calibration_keeps_stored_factor_and_records_measured(exported, tmp_path
     assert cal["measured"]["scale_factor"] == pytest.approx(1 / float(z.std()), rel=1e-4)
     assert cal["scale_factor"] == 0.18215 != pytest.approx(cal["measured"]["scale_factor"], rel=1e-3)
     assert FirstStage.from_artifact(root / "autoencoder" / "x").scale_factor == 0.18215
+
+
+# the published diffusers configs of SD 1.5 and SD 2.1 (768, v), as far as the U-Net's structure goes
+SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
+SD21 = dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+            upcast_attention=True)
+
+
+@pytest.mark.parametrize("family,config", [("sd1", SD15), ("sd2", SD21)], ids=["sd15", "sd21"])
+def test_full_size_configs_inferred_from_shapes(family, config, tmp_path):
+    """Real SD 1.5 / 2.1 structures (built on the meta device: shapes only) written with the original names: the
+    configs read off their shapes with the default options are the published ones."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    from ldm_train.interop.keys import original_unet, original_vae
+    from ldm_train.interop.single_file import UNET, VAE, _layout
+
+    vae_cfg = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**config), AutoencoderKL(**vae_cfg)
+    up_attention = {i for i, t in enumerate(unet.config.up_block_types) if t.startswith("CrossAttn")}
+    state = original_unet(unet.state_dict(), 2, up_attention, sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], UNET)
+    state.update(original_vae(vae.state_dict(), 4, sfu.DIFFUSERS_TO_LDM_MAPPING["vae"], VAE))
+    layout = _layout(state, family, {}, {}, tmp_path)
+    for key, value in dict(unet.config).items():
+        if key in ("_use_default_values", "_class_name", "_diffusers_version"):
+            continue
+        got = layout.unet[key]
+        assert (list(got) if isinstance(got, tuple) else got) == (list(value) if isinstance(value, tuple) else
+                                                                  value), key
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+        assert tuple(np.atleast_1d(layout.vae[key])) == tuple(np.atleast_1d(vae.config[key])), key
+    assert layout.vae["scaling_factor"] == 0.18215 and layout.vae["sample_size"] == config["sample_size"] * 8
+    assert layout.scheduler["prediction_type"] == ("epsilon" if family == "sd1" else "v_prediction")
