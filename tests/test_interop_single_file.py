@@ -279,3 +279,23 @@ def test_full_size_configs_inferred_from_shapes(family, config, tmp_path):
         assert tuple(np.atleast_1d(layout.vae[key])) == tuple(np.atleast_1d(vae.config[key])), key
     assert layout.vae["scaling_factor"] == 0.18215 and layout.vae["sample_size"] == config["sample_size"] * 8
     assert layout.scheduler["prediction_type"] == ("epsilon" if family == "sd1" else "v_prediction")
+
+
+def test_non_clip_text_encoder_exports_vae_and_unet_with_a_note(exported, tmp_path):
+    """A model conditioned by another encoder (here `class`) is not an SD checkpoint: the file holds the VAE and
+    the U-Net under their original names, and one note says so."""
+    from ldm_train.interop.single_file import export_single_file
+    from ldm_train.models.text import ClassEncoder
+    from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
+
+    version, _, root, out = exported
+    if version == 2:
+        pytest.skip("one text path")
+    pipe = LatentDiffusionPipeline.from_artifact(root / "diffusion" / "sd")
+    pipe.text_encoder = ClassEncoder(num_classes=3, dim=32)
+    pipe.config = {**pipe.config, "text_encoder": {"name": "class", "num_classes": 3, "dim": 32}}
+    notes = export_single_file(pipe, tmp_path / "c.safetensors")
+    assert len(notes) == 1 and "text_encoder=class" in notes[0] and "\n" not in notes[0]
+    keys = load_file(str(tmp_path / "c.safetensors")).keys()
+    assert {k.split(".")[0] for k in keys} == {"first_stage_model", "model"}
+    assert keys == {k for k in load_file(str(out)) if not k.startswith("cond_stage_model.")}
