@@ -73,7 +73,8 @@ def test_finetune_sd_two_steps_on_a_folder(imported, tmp_path, compose_cfg):
     root = imported
     folder = _image_folder(tmp_path / "images")
     run(compose_cfg(["experiment=finetune_sd", "diffusion.init_from=sd", "name=mine", "data=folder",
-                     f"data.root={folder}", "data.resolution=64", "data.num_workers=0", "data.min_val_images=4", "data.val_fraction=0.4",
+                     f"data.root={folder}", "data.resolution=64", "data.num_workers=0", "data.min_val_images=4",
+                     "data.val_fraction=0.4",
                      "diffusion.max_steps=2", "diffusion.warmup_steps=1", "diffusion.batch_size=2",
                      "diffusion.val_every=2", "diffusion.val_n_per_prompt=1", "diffusion.lr=1e-3",
                      "diffusion.latent_std_range=[0.0,100.0]", "diffusion.ema_decay=0", "sampling.steps=2",
@@ -91,10 +92,10 @@ def test_finetune_sd_two_steps_on_a_folder(imported, tmp_path, compose_cfg):
 
 def test_train_text_encoder_gets_gradients():
     """ClipTextEncoder.set_trainable: gradients flow into the tower (frozen: none, and cached)."""
+    from sd_tiny import tiny_tokenizer
     from transformers import CLIPTextConfig
 
     from ldm_train.models.text import ClipTextEncoder
-    from sd_tiny import tiny_tokenizer
 
     tok = tiny_tokenizer(Path(__import__("tempfile").mkdtemp()) / "tok")
     enc = ClipTextEncoder.from_config(tok, CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
