@@ -1,6 +1,7 @@
-"""Stable Diffusion interop figures: `stage=import` and `stage=export format=diffusers` of a randomly initialised
-pipeline (wall time, peak resident memory of the stage's own process), and a model of ours sampled by diffusers'
-modules next to our own sampling (max pixel difference).
+"""Stable Diffusion interop figures: `stage=import` and `stage=export format=diffusers`, then `format=single_file`
+and `stage=import` of that file, of a randomly initialised pipeline (wall time, peak resident memory of the stage's
+own process), and a model of ours sampled by diffusers' modules next to our own sampling (max pixel difference).
+The imports skip measuring the latent scale on data (import.measure_samples=0): the figures are the conversion's.
 
     python scripts/bench_interop.py                   # SD-1.5 size (859.5M U-Net, 83.7M VAE, 123M CLIP text)
     python scripts/bench_interop.py --size tiny       # the tests' tiny pipeline (seconds)
@@ -179,12 +180,20 @@ def main() -> None:
             tiny_sd(tmp / "src")
         print(f"source pipeline built and saved in {time.perf_counter() - start:.1f} s (not part of the figures)")
         common = [f"paths.artifacts={tmp / 'art'}", f"hydra.run.dir={tmp / 'run'}"]
-        wall, peak = timed_stage(["stage=import", f"source={tmp / 'src'}", "name=sd", *common])
+        no_measure = "import.measure_samples=0"
+        wall, peak = timed_stage(["stage=import", f"source={tmp / 'src'}", "name=sd", no_measure, *common])
         results.update(import_s=wall, import_peak_rss_gib=peak)
         print(f"stage=import ({args.size}): {wall:.1f} s wall, peak RSS {peak:.2f} GiB")
         wall, peak = timed_stage(["stage=export", "name=sd", f"out={tmp / 'out'}", *common])
         results.update(export_s=wall, export_peak_rss_gib=peak)
         print(f"stage=export format=diffusers ({args.size}): {wall:.1f} s wall, peak RSS {peak:.2f} GiB")
+        single = tmp / "sd.safetensors"
+        wall, peak = timed_stage(["stage=export", "format=single_file", "name=sd", f"out={single}", *common])
+        results.update(export_single_file_s=wall, export_single_file_peak_rss_gib=peak)
+        print(f"stage=export format=single_file ({args.size}): {wall:.1f} s wall, peak RSS {peak:.2f} GiB")
+        wall, peak = timed_stage(["stage=import", f"source={single}", "name=sd_single", no_measure, *common])
+        results.update(import_single_file_s=wall, import_single_file_peak_rss_gib=peak)
+        print(f"stage=import of that single file ({args.size}): {wall:.1f} s wall, peak RSS {peak:.2f} GiB")
         ours = args.ours.resolve() if args.ours else (tmp / "art" / "diffusion" / "sd" if args.size == "tiny" else None)
         if ours is not None:  # default (tiny): the imported artifact, sampled as ours and by diffusers
             diff = sampled_by_diffusers(ours, tmp / "ours_out")

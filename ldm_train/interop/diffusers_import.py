@@ -46,9 +46,13 @@ def _json(path: Path) -> dict:
 
 def _full_scheduler_config(folder: Path) -> dict:
     """The scheduler config with diffusers' class defaults filled in (e.g. PNDM's `leading` spacing)."""
+    return full_scheduler_config(_json(folder / "scheduler" / "scheduler_config.json"))
+
+
+def full_scheduler_config(raw: dict) -> dict:
+    """A scheduler config with its diffusers class's defaults filled in."""
     import diffusers
 
-    raw = _json(folder / "scheduler" / "scheduler_config.json")
     cls = getattr(diffusers, raw.get("_class_name", ""), None)
     if cls is None:
         return raw
@@ -63,40 +67,50 @@ def _meta_module(build):
 
 def convert(folder: Path, work: Path) -> Imported:
     """Read and convert a diffusers SD folder; the text tower is re-saved (safetensors) under `work`."""
-    from ldm_train.models.autoencoder import Autoencoder
-    from ldm_train.models.unet import UNet
-
     folder = Path(folder)
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} has no model_index.json: `source=` must be a diffusers pipeline folder "
                                 "(model_index.json, vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
     index = _json(folder / "model_index.json")
-
-    vae_arch, scale = vae_from_diffusers(_json(folder / "vae" / "config.json"))
-    vae = _meta_module(lambda: Autoencoder(vae_arch))
-    vae_weights = find_weights(folder / "vae")
-    vae_state = to_ours(read_state_dict(vae_weights), autoencoder_table(vae), vae.state_dict(), str(vae_weights))
-
-    unet_config, interop = unet_from_diffusers(_json(folder / "unet" / "config.json"))
-    unet = _meta_module(lambda: UNet(**unet_config))
-    unet_weights = find_weights(folder / "unet")
-    unet_state = to_ours(read_state_dict(unet_weights), unet_table(unet, interop["use_linear_projection"]),
-                         unet.state_dict(), str(unet_weights))
-    if unet_config["in_channels"] != vae_arch["z_channels"]:
-        raise ConfigError(f"unet in_channels={unet_config['in_channels']} but the VAE has "
-                          f"{vae_arch['z_channels']} latent channels")
-
-    diffusion, sampling, notes = schedule_from_diffusers(_full_scheduler_config(folder))
-    calibration = {"scale_factor": scale, "raw_std": 1.0 / scale,
-                   "source": f"stored: scaling_factor of {folder / 'vae' / 'config.json'} (not measured here; "
-                             "`stage=calibrate` measures it on your data)"}
-    interop.update(source=str(folder.resolve()), format="diffusers", pipeline=index.get("_class_name"))
-    text_folder, text_config = _convert_text(folder, index, unet_config["context_dim"], work)
+    vae_weights, unet_weights = find_weights(folder / "vae"), find_weights(folder / "unet")
+    text_folder, text_config = _convert_text(folder, index, _json(folder / "unet" / "config.json")
+                                             ["cross_attention_dim"], work)
+    imported = assemble(_json(folder / "vae" / "config.json"), read_state_dict(vae_weights), str(vae_weights),
+                        _json(folder / "unet" / "config.json"), read_state_dict(unet_weights), str(unet_weights),
+                        _full_scheduler_config(folder), (text_folder, text_config),
+                        source=f"scaling_factor of {folder / 'vae' / 'config.json'}")
+    imported.interop.update(source=str(folder.resolve()), format="diffusers", pipeline=index.get("_class_name"))
     if text_folder is None:
-        notes.append(f"text encoder {index.get('text_encoder')} is not a CLIPTextModel: imported the VAE and U-Net "
-                     "only; the diffusion artifact is not written")
-    return Imported(vae_arch, vae_state, calibration, unet_config, unet_state, diffusion, sampling, interop,
-                    text_folder, text_config, notes)
+        imported.notes.append(f"text encoder {index.get('text_encoder')} is not a CLIPTextModel: imported the VAE "
+                              "and U-Net only; the diffusion artifact is not written")
+    return imported
+
+
+def assemble(vae_config: dict, vae_weights: dict, vae_what: str, unet_config: dict | None,
+             unet_weights: dict | None, unet_what: str, scheduler_config: dict | None,
+             text: tuple[Path | None, dict | None], source: str) -> Imported:
+    """diffusers-layout configs and state dicts → our state dicts, checked by the key table (strict). Without a
+    U-Net (a VAE-only checkpoint) only the autoencoder part is filled."""
+    from ldm_train.models.autoencoder import Autoencoder
+    from ldm_train.models.unet import UNet
+
+    vae_arch, scale = vae_from_diffusers(vae_config)
+    vae = _meta_module(lambda: Autoencoder(vae_arch))
+    vae_state = to_ours(vae_weights, autoencoder_table(vae), vae.state_dict(), vae_what)
+    calibration = {"scale_factor": scale, "raw_std": 1.0 / scale,
+                   "source": f"stored: {source} (not measured here; `stage=calibrate` measures it on your data)"}
+    if unet_config is None:
+        return Imported(vae_arch, vae_state, calibration, {}, {}, {}, {}, {"sample_size": 0}, None, None, [])
+    unet_cfg, interop = unet_from_diffusers(unet_config)
+    unet = _meta_module(lambda: UNet(**unet_cfg))
+    unet_state = to_ours(unet_weights, unet_table(unet, interop["use_linear_projection"]), unet.state_dict(),
+                         unet_what)
+    if unet_cfg["in_channels"] != vae_arch["z_channels"]:
+        raise ConfigError(f"unet in_channels={unet_cfg['in_channels']} but the VAE has "
+                          f"{vae_arch['z_channels']} latent channels")
+    diffusion, sampling, notes = schedule_from_diffusers(scheduler_config)
+    return Imported(vae_arch, vae_state, calibration, unet_cfg, unet_state, diffusion, sampling, interop,
+                    text[0], text[1], notes)
 
 
 def _convert_text(folder: Path, index: dict, context_dim: int, work: Path) -> tuple[Path | None, dict | None]:
@@ -112,6 +126,11 @@ def _convert_text(folder: Path, index: dict, context_dim: int, work: Path) -> tu
         read_state_dict(text_dir / "pytorch_model.bin")  # refuse a pickle with code before transformers sees it
     model = CLIPTextModel.from_pretrained(text_dir, local_files_only=True, use_safetensors=None)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    return save_text(model, tokenizer, context_dim, work)
+
+
+def save_text(model, tokenizer, context_dim: int, work: Path) -> tuple[Path, dict]:
+    """Save a CLIP text tower + tokenizer under `work` (safetensors); (folder, our `clip_l` text_encoder config)."""
     if model.config.hidden_size != context_dim:
         raise ConfigError(f"text encoder width {model.config.hidden_size} != unet cross_attention_dim {context_dim}")
     out = Path(work) / CLIP_FOLDER

@@ -194,3 +194,83 @@ def to_theirs(ours: Mapping[str, torch.Tensor], table: list[Entry]) -> dict[str,
         for name, piece in zip(e.theirs, tensor.chunk(len(e.theirs))):
             out[name] = piece.reshape(want).contiguous()
     return out
+
+
+# ------------------------------------------------------------------------------------------------ original names
+# The original CompVis single-file names of diffusers' tensors: the inverse of diffusers' own converters
+# (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`). The export checks
+# every use against those converters (`single_file.check_inverse`), so this inverse cannot drift from them.
+
+_RESNET_ORIGINAL = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
+                    ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
+                    ("conv_shortcut.", "skip_connection.")]
+_VAE_ATTENTION_ORIGINAL = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_original(key: str, layers: int, attention_up: set[int], top: Mapping[str, str]) -> str:
+    """One diffusers U-Net key → its `model.diffusion_model.` suffix; `layers` = layers_per_block, `attention_up`
+    = the up blocks with attention (their upsampler sits at index 2 of the output block, else at 1)."""
+    if key in top:
+        return top[key]
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)$", key)
+    if m:
+        side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if kind == "downsamplers":
+            return f"input_blocks.{(b + 1) * (layers + 1)}.0.op.{rest.removeprefix('conv.')}"
+        if kind == "upsamplers":
+            return f"output_blocks.{b * (layers + 1) + layers}.{2 if b in attention_up else 1}.{rest}"
+        block = (f"input_blocks.{1 + b * (layers + 1) + j}" if side == "down"
+                 else f"output_blocks.{b * (layers + 1) + j}")
+        return f"{block}.0.{_resnet_original(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)$", key)
+    if m:
+        if m.group(1) == "resnets":
+            return f"middle_block.{2 * int(m.group(2))}.{_resnet_original(m.group(3))}"
+        return f"middle_block.1.{m.group(3)}"
+    raise KeyError(f"no original name for the diffusers U-Net key {key}")
+
+
+def _resnet_original(rest: str) -> str:
+    for theirs, original in _RESNET_ORIGINAL:
+        if rest.startswith(theirs):
+            return original + rest[len(theirs):]
+    return rest
+
+
+def _vae_original(key: str, levels: int, top: Mapping[str, str]) -> str:
+    """One diffusers AutoencoderKL key → its `first_stage_model.` suffix."""
+    if key in top:
+        return top[key]
+    m = re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)$", key)
+    if m:
+        part, side, i, kind, j, rest = m.groups()
+        level = int(i) if side == "down" else levels - 1 - int(i)
+        if kind == "resnets":
+            return f"{part}.{side}.{level}.block.{j}.{rest.replace('conv_shortcut.', 'nin_shortcut.')}"
+        return f"{part}.{side}.{level}.{'downsample' if side == 'down' else 'upsample'}.{rest}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)$", key)
+    if m:
+        part, kind, k, rest = m.groups()
+        if kind == "resnets":
+            return f"{part}.mid.block_{int(k) + 1}.{rest.replace('conv_shortcut.', 'nin_shortcut.')}"
+        module, _, param = rest.rpartition(".")
+        return f"{part}.mid.attn_1.{_VAE_ATTENTION_ORIGINAL[module]}.{param}"
+    raise KeyError(f"no original name for the diffusers VAE key {key}")
+
+
+def original_unet(theirs: Mapping[str, torch.Tensor], layers: int, attention_up: set[int],
+                  top: Mapping[str, str], prefix: str) -> dict[str, torch.Tensor]:
+    """diffusers U-Net tensors → original names (same tensors: every U-Net layout is shared)."""
+    return {prefix + _unet_original(k, layers, attention_up, top): v for k, v in theirs.items()}
+
+
+def original_vae(theirs: Mapping[str, torch.Tensor], levels: int, top: Mapping[str, str],
+                 prefix: str) -> dict[str, torch.Tensor]:
+    """diffusers VAE tensors → original names; the mid attention's Linear weights become 1×1 convs (a reshape)."""
+    out = {}
+    for k, v in theirs.items():
+        name = prefix + _vae_original(k, levels, top)
+        if ".mid.attn_1." in name and name.endswith("weight") and v.ndim == 2:
+            v = v.reshape(*v.shape, 1, 1)
+        out[name] = v
+    return out

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -58,3 +59,11 @@ def find_weights(folder: Path, stem: str = "diffusion_pytorch_model") -> Path:
     sharded = sorted(folder.glob(f"{stem}*.index.json"))
     hint = " (sharded checkpoints are not supported: merge the shards first)" if sharded else ""
     raise FileNotFoundError(f"no {stem}.safetensors or {stem}.bin in {folder}{hint}")
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file ({} for other formats or none)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})

@@ -31,13 +31,18 @@ class AutoencoderModule(L.LightningModule):
 
     def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, optimizer: dict | Callable,
                  lr_scheduler: dict | Callable | None = None, out_dir: str | None = None, channels_last: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, train_encoder: bool = True):
         """`optimizer` / `lr_scheduler`: `_target_` + `_partial_` config nodes (or built partials) for both the
-        generator's and the discriminator's optimizer; `lr` and `fused` are added here (see lit/optim.py)."""
+        generator's and the discriminator's optimizer; `lr` and `fused` are added here (see lit/optim.py).
+        `train_encoder=False` freezes the encoder and quant_conv (SD's ft-MSE recipe: only the decoder learns, so
+        the latents, and with them a diffusion model trained on them, stay valid)."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.autoencoder = Autoencoder(arch)
+        if not train_encoder:
+            self.autoencoder.encoder.requires_grad_(False)
+            self.autoencoder.quant_conv.requires_grad_(False)
         self.channels_last = channels_last
         if channels_last:
             self.autoencoder.to(memory_format=torch.channels_last)
@@ -137,7 +142,7 @@ class AutoencoderModule(L.LightningModule):
                         state[key] = state[key].reshape(1)
 
     def configure_optimizers(self):
-        g_params = list(self.autoencoder.parameters())
+        g_params = [p for p in self.autoencoder.parameters() if p.requires_grad]
         if self.loss.logvar.requires_grad:
             g_params.append(self.loss.logvar)
         fused = use_fused_optimizer(self)  # one kernel for all parameters

@@ -175,6 +175,21 @@ class ClipTextEncoder(_FrozenEncoder):
         return cls(name_or_path="<from_config>", max_length=max_length, cache_size=cache_size,
                    tokenizer=tokenizer, text_model=CLIPTextModel(config))
 
+    def set_trainable(self, trainable: bool) -> ClipTextEncoder:
+        """Fine-tune the CLIP tower (e.g. `diffusion.train_text_encoder`): gradients on, no cache, train() honoured;
+        False freezes it again."""
+        self.trainable = trainable
+        self._cache.clear()
+        self.model.requires_grad_(trainable)
+        return nn.Module.train(self, trainable)
+
+    def train(self, mode: bool = True) -> ClipTextEncoder:
+        return nn.Module.train(self, mode) if self.trainable else super().train(mode)
+
+    def encode(self, captions: list[str], labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states (B, max_length, dim); a trainable tower runs with gradients and without the cache."""
+        return self._encode_uncached(captions) if self.trainable else super().encode(captions, labels)
+
     def _encode_uncached(self, captions: list[str]) -> torch.Tensor:
         # SD 1.x conditions on all max_length positions with no attention mask, padding included.
         ids = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,

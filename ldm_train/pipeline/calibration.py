@@ -46,14 +46,16 @@ def image_noise(shape: Sequence[int], indices: Iterable[int], seed: int) -> torc
 
 @torch.no_grad()
 def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: torch.device | str = "cpu",
-              sample: bool = False, seed: int = 0, indices: Sequence[int] | None = None) -> dict:
+              sample: bool = False, seed: int = 0, indices: Sequence[int] | None = None,
+              reconstruct: bool = True) -> dict:
     """Encode up to `num_samples` images (per rank) and report
 
     scale_factor = 1/std(z) (unbiased std over every element of every rank), per-channel mean/std, and a
     health report: raw std, scaled mean and std, reconstruction PSNR (of the deterministic latent).
     z is what the regularizer hands stage 2: with `sample` (KL) a posterior sample μ + σ·ε, ε from
     `image_noise(seed, indices[k])` for this rank's k-th image (`indices`: the images' global numbers; default
-    0, 1, ...), else the mode; VQ: the pre-quantisation z or z_q (`regularizer.diffuse`).
+    0, 1, ...), else the mode; VQ: the pre-quantisation z or z_q (`regularizer.diffuse`). `reconstruct=False`
+    skips the decoder (no PSNR: `recon_psnr` is None), for a quick measurement of a large imported VAE.
     """
     reg = autoencoder.regularizer
     sample = bool(sample and reg.stochastic)
@@ -74,8 +76,9 @@ def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: t
         s += z.sum((0, 2, 3))
         s2 += z.pow(2).sum((0, 2, 3))
         n += z[:, 0].numel()
-        psnr_sum += torch.stack([psnr(autoencoder.decode_latent(mode), x).double().sum(),
-                                 torch.tensor(float(len(x)), dtype=torch.float64, device=device)])
+        quality = psnr(autoencoder.decode_latent(mode), x).double().sum() if reconstruct else \
+            torch.zeros((), dtype=torch.float64, device=device)
+        psnr_sum += torch.stack([quality, torch.tensor(float(len(x)), dtype=torch.float64, device=device)])
         seen += len(x)
         if seen >= num_samples:
             break
@@ -99,7 +102,7 @@ def calibrate(autoencoder: torch.nn.Module, batches, num_samples: int, device: t
         "scaled_std": std * scale,
         "channel_mean": ch_mean.tolist(),
         "channel_std": ch_std.tolist(),
-        "recon_psnr": float(psnr_sum[0] / psnr_sum[1]),
+        "recon_psnr": float(psnr_sum[0] / psnr_sum[1]) if reconstruct else None,
         "num_samples": int(psnr_sum[1]),
         "num_elements": int(total),
         "latent": reg.describe_latent(sample),

@@ -39,6 +39,15 @@ def init_source(cfg: DictConfig) -> tuple[Path, dict] | None:
     return path, arch
 
 
+def kept_calibration(source: Path, measured: dict) -> dict:
+    """With the encoder frozen the latents are the source artifact's: its scale factor stays the one used (a
+    diffusion model trained on them expects it); the factor measured on this run's data is recorded beside it."""
+    stored = json.loads((source / "calibration.json").read_text())
+    log.info("encoder frozen: keeping %s's scale factor %.5f (measured here: %.5f)", source, stored["scale_factor"],
+             measured["scale_factor"])
+    return {**stored, "measured": {k: v for k, v in measured.items() if k != "measured"}}
+
+
 def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     ae = cfg.autoencoder
@@ -63,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
                                OmegaConf.to_container(ae.optimizer, resolve=True),
                                OmegaConf.to_container(ae.lr_scheduler, resolve=True) if ae.lr_scheduler else None,
                                out_dir=str(run_dir(cfg)), channels_last=cfg.trainer.get("channels_last", True),
-                               compile=ae.get("compile", False))
+                               compile=ae.get("compile", False), train_encoder=ae.get("train_encoder", True))
     if init:  # start from the artifact's weights (imported or ours); strict: its config.yaml built this module
         module.autoencoder.load_state_dict(load_weights(init[0] / "model.safetensors"), strict=True)
         log.info("stage 1 starts from %s (f=%d, %s)", init[0], arch["f"], arch["regularizer"]["name"])
@@ -91,6 +100,8 @@ def run(cfg: DictConfig) -> dict:
     val = trainer.validate(module, val_loader, verbose=False)[0]
 
     calibration = calibrate_module(module.autoencoder, val_ds, cfg, trainer)
+    if init and not ae.get("train_encoder", True):  # the encoder is unchanged, so are the latents: keep their scale
+        calibration = kept_calibration(init[0], calibration)
     metrics = {k.removeprefix("val/"): float(v) for k, v in val.items()}
     metrics.update(train_seconds=train_seconds, steps=module.batch_step, parameters=n_params,
                    perceptual=perceptual, scale_factor=calibration["scale_factor"])

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_train.config import (
+    ConfigError,
     artifacts_root,
     autoencoder_dir,
     check_against_artifact,
@@ -61,6 +62,14 @@ def init_pipeline(cfg: DictConfig) -> LatentDiffusionPipeline:
     pipe = LatentDiffusionPipeline.init_from(path, {"diffusion": diffusion, "data": cfg.data.name,
                                                     "resolution": cfg.data.resolution})
     pipe.first_stage.sample_posterior = bool(cfg.diffusion.sample_posterior)
+    if cfg.diffusion.get("train_text_encoder"):
+        if not hasattr(pipe.text_encoder, "set_trainable"):
+            raise ConfigError(f"diffusion.train_text_encoder=true needs a CLIP text tower; {path} has "
+                              f"text_encoder={stored['text_encoder'].get('name')}")
+        pipe.text_encoder.set_trainable(True)
+    if cfg.diffusion.get("gradient_checkpointing") is not None:  # the artifact's U-Net config says false
+        pipe.denoiser.gradient_checkpointing = bool(cfg.diffusion.gradient_checkpointing)
+        pipe.config["unet"] = {**pipe.config["unet"], "gradient_checkpointing": pipe.denoiser.gradient_checkpointing}
     log.info("stage 2 starts from %s (f=%d, %s, U-Net %s)", path, stored["f"], stored["regularizer"],
              stored["unet"].get("model_channels"))
     return pipe
