@@ -220,6 +220,6 @@ def test_stage1_trains_on_bucketed_shards(tmp_path, monkeypatch):
                               "data.shuffle_buffer=0", "data.shardshuffle=false", "autoencoder.batch_size=4",
                               "autoencoder.max_steps=2", "autoencoder.val_every=2", "autoencoder.val_batches=1",
                               "autoencoder.calibration.num_samples=8", "autoencoder.calibration.batch_size=8"]))
-    assert result["steps"] == 2 and np.isfinite(result["l1"])
+    assert result["steps"] == 2 and np.isfinite(result["recon_l1"])
     # unshuffled, samples cycle through SIZES: the first whole batches are 12x24 then 16x16 (stage 1: multiple 4)
     assert shapes == [(4, 3, 12, 24), (4, 3, 16, 16)]
