@@ -24,11 +24,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → samples, caption alignment, evaluate (~8 min)
+demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → samples, caption alignment, evaluate (~8–14 min)
 	$(PY) -m ldm_train stage=pipeline experiment=quickstart $(DEMO_ARGS)
 
-test: setup ## Run the test suite (CPU, tiny models)
-	$(PY) -m pytest tests
+test: setup ## Run the test suite (CPU, tiny models; one pytest-xdist worker per core, a test file per worker)
+	$(PY) -m pytest -n auto --dist loadfile tests
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check .
