@@ -59,3 +59,14 @@ def shapes_features(tmp_path_factory) -> dict:
 
     path = tmp_path_factory.mktemp("features") / "shapes.safetensors"
     return {"path": path, "stats": train_shapes_features(path, steps=120, pool=1024)}
+
+
+# The files that start real subprocesses (sweeps, DDP, signals) run first: `make test` gives whole files to its
+# pytest-xdist workers in collection order, so a long file collected last would run alone at the end.
+HEAVY_FIRST = ("test_multirun.py", "test_ddp_runs.py", "test_pipeline.py", "test_reliability.py", "test_resume.py",
+               "test_buckets_ddp.py", "test_interop.py", "test_first_hour.py", "test_ddp.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
