@@ -11,7 +11,7 @@ ABLATION_F ?= 4,8,16
 ABLATION_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint bench ablation clean
+.PHONY: help setup demo test test-all lint bench ablation clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → 
 	$(PY) -m ldm_train stage=pipeline experiment=quickstart $(DEMO_ARGS)
 
 test: setup ## Run the test suite (CPU, tiny models; one pytest-xdist worker per core, a test file per worker)
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow" tests
+
+test-all: setup ## The test suite with the slow end-to-end runs too (a few minutes more)
 	$(PY) -m pytest -n auto --dist loadfile tests
 
 lint: setup ## ruff

@@ -164,6 +164,7 @@ def test_artifacts_checkpoints_and_reports_are_written_by_rank_0_only(ddp_run):
     assert (ddp_run["root"] / "run" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # the DDP run itself is the ddp_run fixture's (Lightning's launcher); this is the torchrun entry
 def test_torchrun_launch(tmp_path):
     """`torchrun` starts the processes itself (as on several nodes); every rank shares hydra.run.dir."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -43,6 +44,7 @@ def test_sweep_checks_every_job_before_the_first_starts(tmp_path):
     assert not [p for p in (tmp_path / "sweep").glob("*") if p.is_dir()]  # f=4 and f=8 did not run first
 
 
+@pytest.mark.slow  # the report of a failed job and its figures: also tests/test_ablation.py on a synthetic sweep
 def test_pipeline_sweep_with_a_failing_job_still_reports(tmp_path, shapes_features):
     """Job 0 runs the whole smoke pipeline with quality curves; job 1 reuses its autoencoder and fails its latent
     health check. The report has both rows (the failed one says why), the curves, the speed and sample figures,
