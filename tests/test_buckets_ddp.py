@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from test_ddp_runs import env, read_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 2 gloo processes; the per-rank batch counts are also tested in-process (test_buckets*.py)
 def test_buckets_on_two_processes(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()

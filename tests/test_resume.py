@@ -216,7 +216,7 @@ def _assert_same_final_state(a: dict, b: dict) -> None:
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-@pytest.mark.parametrize("buckets", [False, True])
+@pytest.mark.parametrize("buckets", [False, pytest.param(True, marks=pytest.mark.slow)])  # slow: make test-all
 def test_autoencoder_resume_is_exact(compose_cfg, monkeypatch, tmp_path, buckets):
     from ldm_train.losses.autoencoder_loss import AutoencoderLoss
     from ldm_train.stages import autoencoder as stage
