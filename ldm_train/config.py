@@ -235,9 +235,14 @@ def artifacts_root(cfg: DictConfig) -> Path:
         return Path(cfg.paths.artifacts).resolve()
 
 
+def autoencoder_artifact(cfg: DictConfig, regularizer: str, f: int) -> Path:
+    """Where stage 1 writes the autoencoder of `regularizer` and `f`: <paths.artifacts>/autoencoder/<reg>_f<f>."""
+    return artifacts_root(cfg) / "autoencoder" / f"{regularizer}_f{f}"
+
+
 def autoencoder_dir(cfg: DictConfig) -> Path:
     path = cfg.autoencoder.get("path")
-    return Path(path).resolve() if path else artifacts_root(cfg) / "autoencoder" / f"{cfg.regularizer.name}_f{cfg.f}"
+    return Path(path).resolve() if path else autoencoder_artifact(cfg, cfg.regularizer.name, cfg.f)
 
 
 def diffusion_dir(cfg: DictConfig) -> Path:

@@ -90,9 +90,12 @@ class ScheduleToTime(Callback):
         self.per_batch, self.every, self.warm = steps_per_batch, every * steps_per_batch, warm * steps_per_batch
         self.total: int | None = None
         self._t0: tuple[int, float] | None = None
+        self._timer: Timer | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if self._timer is None:  # looked up once: this hook runs every batch
+            self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        timer = self._timer
         remaining = timer.time_remaining("train") if timer is not None else None
         if remaining is None:
             return

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.config import artifacts_root, check_against_artifact, resolved_arch, run_dir
+from ldm_train.config import artifacts_root, autoencoder_artifact, check_against_artifact, resolved_arch, run_dir
 from ldm_train.data import build_datasets
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = {k.removeprefix("val/"): float(v) for k, v in val.items()}
     metrics.update(train_seconds=train_seconds, steps=module.batch_step, parameters=n_params,
                    perceptual=perceptual, scale_factor=calibration["scale_factor"])
-    target = artifacts_root(cfg) / "autoencoder" / f"{arch['regularizer']['name']}_f{arch['f']}"
+    target = autoencoder_artifact(cfg, arch["regularizer"]["name"], arch["f"])  # init_from: the source's f
     if trainer.is_global_zero:
         save_autoencoder(target, module.autoencoder, arch, calibration, metrics,
                          provenance(cfg, "autoencoder", steps=module.batch_step))
