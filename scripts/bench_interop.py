@@ -11,7 +11,8 @@ The imports skip measuring the latent scale on data (import.measure_samples=0): 
 The LoRA row: trainable parameters and the median train-step time (forward, backward, AdamW; batch 1, 32×32
 latents, fp32, this machine's CPU threads) of peft LoRA on the attention projections against full fine-tuning.
 
-Each stage runs in a fresh `python -m ldm_train` process, so its peak RSS is its own (ru_maxrss of the child).
+Each stage runs in a fresh `python -m ldm_train` process, so its peak RSS is its own (VmHWM of the
+child's memory map; Linux only).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def build_sd15(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-STAGE = """import resource, sys, time
+STAGE = """import sys, time
 from ldm_train.__main__ import main
 sys.argv = ["ldm_train", *sys.argv[1:]]
 start = time.perf_counter()
@@ -73,7 +74,10 @@ try:
 except SystemExit as exc:
     if exc.code:
         raise
-print("BENCH", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: the peak of this process's own memory map. Not ru_maxrss: Linux folds the forking parent's RSS into the
+# child's ru_maxrss at exec, so a child of a big parent would report the parent's peak.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]
+print("BENCH", time.perf_counter() - start, hwm)
 """
 
 

@@ -107,3 +107,13 @@ def test_probe_turns_the_cuda_group_norm_on_and_back_off():
     with pytest.raises(RuntimeError), probe.layout_kept_group_norm():
         raise RuntimeError("boom")
     assert norm.CUDA_CHANNELS_LAST is False
+
+
+def test_interop_bench_reports_the_stage_process_own_peak_memory():
+    """Linux folds a forking parent's RSS into the child's ru_maxrss at exec: measured that way, every stage of
+    bench_interop reported the 14.8 GiB of the parent's full fine-tuning row. The child's VmHWM is its own."""
+    bench = _script("bench_interop")
+    ballast = torch.ones(2 * 2**30 // 4)  # 2 GiB, every page touched, in this (the parent) process
+    _, peak_gib = bench.timed_stage(["--help"])  # Hydra's help: imports ldm_train, runs nothing
+    assert ballast.sum() > 0
+    assert 0.05 < peak_gib < 1.5, f"the stage process reported {peak_gib:.2f} GiB: the parent's 2 GiB leaked in"
