@@ -53,7 +53,7 @@ def step_flops(ae: Path, unet: str, objective: str, extra: list[str]) -> float:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=quickstart", f"unet={unet}",
                                            f"diffusion.objective={objective}", *extra])
-    first = FirstStage.from_artifact(ae, cfg.f, cfg.regularizer.name, False)
+    first = FirstStage.from_artifact(ae, cfg.f, cfg.regularizer.name, bool(cfg.diffusion.sample_posterior))
     pipe = LatentDiffusionPipeline.build(first, pipeline_config(cfg, first))
     module = DiffusionModule(pipe, OmegaConf.to_container(cfg.diffusion, resolve=True), channels_last=False)
     b = cfg.diffusion.batch_size

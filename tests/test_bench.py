@@ -114,6 +114,6 @@ def test_interop_bench_reports_the_stage_process_own_peak_memory():
     bench_interop reported the 14.8 GiB of the parent's full fine-tuning row. The child's VmHWM is its own."""
     bench = _script("bench_interop")
     ballast = torch.ones(2 * 2**30 // 4)  # 2 GiB, every page touched, in this (the parent) process
-    _, peak_gib = bench.timed_stage(["--help"])  # Hydra's help: imports ldm_train, runs nothing
+    _, peak_gib = bench.timed_stage(["--help"])  # Hydra's help: a small process (~30 MB), runs nothing
     assert ballast.sum() > 0
-    assert 0.05 < peak_gib < 1.5, f"the stage process reported {peak_gib:.2f} GiB: the parent's 2 GiB leaked in"
+    assert 0 < peak_gib < 1.0, f"the stage process reported {peak_gib:.2f} GiB: the parent's 2 GiB leaked in"

@@ -43,6 +43,18 @@ def test_logit_normal_timesteps_have_configured_parameters():
     assert abs(logit.mean().item() - 0.5) < 0.01 and abs(logit.std().item() - 0.8) < 0.01
 
 
+def test_shift_warps_the_training_times_like_the_sampling_grid():
+    # t' = 3t/(1 + 2t) ⇔ logit(t') = logit(t) + log 3: training with shift 3 is logit-normal(m + log 3, s), and
+    # each drawn time is the warp of the unshifted draw from the same generator (the grid's warp, SD3 / diffusers)
+    p, base = flow(logit_mean=0.2, logit_std=0.9, shift=3.0), flow(logit_mean=0.2, logit_std=0.9)
+    t = p.sample_timesteps(200_000, generator=torch.Generator().manual_seed(0))
+    t0 = base.sample_timesteps(200_000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(t, 3 * t0 / (1 + 2 * t0))
+    logit = torch.log(t / (1 - t)).double()
+    assert abs(logit.mean().item() - (0.2 + math.log(3))) < 0.01 and abs(logit.std().item() - 0.9) < 0.01
+    assert p.schedule.grid(4)[1] == pytest.approx(3 * 0.75 / (1 + 2 * 0.75))
+
+
 def test_min_snr_weight_weighs_the_x0_error():
     # weight·‖v̂ − v‖² must equal min(SNR, γ)·‖x̂0 − x0‖² with SNR = (1−t)²/t², x̂0 from the output
     p, gamma = flow(), 5.0

@@ -188,7 +188,8 @@ class VPrediction(DDPMParameterization):
 
 class RectifiedFlow(Parameterization):
     """Rectified flow (Liu et al. 2023; SD3, Esser et al. 2024): x_t = (1−t)·x0 + t·ε, the network predicts the
-    velocity v = dx_t/dt = ε − x0, and t is logit-normal: t = sigmoid(m + s·n), n ~ N(0, 1)."""
+    velocity v = dx_t/dt = ε − x0, and t is logit-normal: t = sigmoid(m + s·n), n ~ N(0, 1), warped by the
+    schedule's shift (training and sampling alike)."""
 
     name = "velocity"
     objective = "flow"
@@ -207,10 +208,12 @@ class RectifiedFlow(Parameterization):
         return t.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, n, device="cpu", generator=None):
-        """t = sigmoid(m + s·n), n ~ N(0, 1): float32 (n,) in (0, 1)."""
+        """t = warp(sigmoid(m + s·n)), n ~ N(0, 1): float32 (n,) in (0, 1). The schedule's `shift` warps the
+        training times as it warps the sampling grid (SD3; diffusers' flow-matching scheduler trains on its shifted
+        sigmas): in logit space the warp adds log(shift), so training with shift is logit-normal(m + log shift, s)."""
         gen_device = generator.device if generator is not None else device
         normal = torch.randn((n,), generator=generator, device=gen_device)
-        return torch.sigmoid(self.logit_mean + self.logit_std * normal).to(device)
+        return self.schedule.warp(torch.sigmoid(self.logit_mean + self.logit_std * normal)).to(device)
 
     def noised(self, x0, t, noise):
         """x_t = (1−t)·x0 + t·ε."""

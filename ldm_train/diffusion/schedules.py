@@ -137,7 +137,8 @@ class FlowSchedule:
     """Time grid of the rectified-flow ODE x_t = (1−t)·x0 + t·ε, integrated from t = 1 (noise) to t = 0 (data).
 
     `shift` warps a uniform grid towards the noise end, t' = shift·t / (1 + (shift−1)·t) (SD3, Esser et al. 2024,
-    who use shift 3 at 1024 px); shift 1 is the uniform grid.
+    who use shift 3 at 1024 px); shift 1 is the uniform grid. The training times are warped the same way
+    (RectifiedFlow.sample_timesteps).
     """
 
     def __init__(self, shift: float = 1.0) -> None:
@@ -145,8 +146,8 @@ class FlowSchedule:
             raise ValueError(f"diffusion.flow.shift must be positive, got {shift}")
         self.shift = float(shift)
 
-    def warp(self, t: float) -> float:
-        """t' = shift·t / (1 + (shift−1)·t)."""
+    def warp(self, t: float | torch.Tensor) -> float | torch.Tensor:
+        """t' = shift·t / (1 + (shift−1)·t), for a float or elementwise for a tensor."""
         return self.shift * t / (1 + (self.shift - 1) * t)
 
     def grid(self, steps: int, t_start: float | None = None) -> list[float]:
