@@ -11,7 +11,8 @@
    to a square and scores caption alignment (colour, shape and position all right). Also prints the stage-2
    training throughput (samples/s over the fit loop's wall clock) and writes a sample grid per size.
 
-It trains four models: at `experiment=quickstart` that is ~30 min on 2 free cores. `--data webdataset` reads the
+It trains four models: at `experiment=quickstart` that took 29 min on 2 idle cores (figures: docs/data.md).
+`--data webdataset` reads the
 same images from shards written from the folder (buckets per stream: per-bucket buffers, a fixed number of batches
 per reader, leftovers counted; docs/data.md), validation from shards of a second, smaller folder.
 Smallest check that it runs (a few minutes): `--experiment smoke --images 60 --eval 8 autoencoder.max_steps=2
