@@ -12,9 +12,9 @@
    training throughput (samples/s over the fit loop's wall clock) and writes a sample grid per size.
 
 It trains four models: at `experiment=quickstart` that took 29 min on 2 idle cores (figures: docs/data.md).
-`--data webdataset` reads the
-same images from shards written from the folder (buckets per stream: per-bucket buffers, a fixed number of batches
-per reader, leftovers counted; docs/data.md), validation from shards of a second, smaller folder.
+`--data webdataset` reads the same images from shards written from the folder (buckets per stream: per-bucket
+buffers, a fixed number of batches per reader, leftovers counted; docs/data.md), validation from shards of a
+second, smaller folder.
 Smallest check that it runs (a few minutes): `--experiment smoke --images 60 --eval 8 autoencoder.max_steps=2
 diffusion.max_steps=2 diffusion.val_every=2 autoencoder.val_every=2`.
 """
