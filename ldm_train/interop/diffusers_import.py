@@ -44,13 +44,8 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _full_scheduler_config(folder: Path) -> dict:
-    """The scheduler config with diffusers' class defaults filled in (e.g. PNDM's `leading` spacing)."""
-    return full_scheduler_config(_json(folder / "scheduler" / "scheduler_config.json"))
-
-
 def full_scheduler_config(raw: dict) -> dict:
-    """A scheduler config with its diffusers class's defaults filled in."""
+    """A scheduler config with its diffusers class's defaults filled in (e.g. PNDM's `leading` spacing)."""
     import diffusers
 
     cls = getattr(diffusers, raw.get("_class_name", ""), None)
@@ -73,12 +68,12 @@ def convert(folder: Path, work: Path) -> Imported:
                                 "(model_index.json, vae/, unet/, text_encoder/, tokenizer/, scheduler/)")
     index = _json(folder / "model_index.json")
     vae_weights, unet_weights = find_weights(folder / "vae"), find_weights(folder / "unet")
-    text_folder, text_config = _convert_text(folder, index, _json(folder / "unet" / "config.json")
-                                             ["cross_attention_dim"], work)
+    unet_config = _json(folder / "unet" / "config.json")
+    text_folder, text_config = _convert_text(folder, index, unet_config["cross_attention_dim"], work)
     imported = assemble(_json(folder / "vae" / "config.json"), read_state_dict(vae_weights), str(vae_weights),
-                        _json(folder / "unet" / "config.json"), read_state_dict(unet_weights), str(unet_weights),
-                        _full_scheduler_config(folder), (text_folder, text_config),
-                        source=f"scaling_factor of {folder / 'vae' / 'config.json'}")
+                        unet_config, read_state_dict(unet_weights), str(unet_weights),
+                        full_scheduler_config(_json(folder / "scheduler" / "scheduler_config.json")),
+                        (text_folder, text_config), source=f"scaling_factor of {folder / 'vae' / 'config.json'}")
     imported.interop.update(source=str(folder.resolve()), format="diffusers", pipeline=index.get("_class_name"))
     if text_folder is None:
         imported.notes.append(f"text encoder {index.get('text_encoder')} is not a CLIPTextModel: imported the VAE "
