@@ -312,3 +312,17 @@ def test_autoencoder_init_from_imported(imported, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="f=4 on the command line"):
         run(bad)
+
+
+def test_only_a_diffusers_kind_of_autoencoder_exports():
+    """The regularizer says whether diffusers' AutoencoderKL holds it: a VQ first stage is refused by name, by the
+    one check both export formats go through (`vae_to_diffusers`)."""
+    from ldm_train.config import ConfigError
+    from ldm_train.interop.configs import vae_to_diffusers
+
+    kl = dict(in_channels=3, ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, z_channels=3, num_groups=8, resolution=32,
+              attn_resolutions=[], regularizer={"name": "kl"})
+    assert vae_to_diffusers(kl, 0.5)["latent_channels"] == 3
+    vq = {**kl, "regularizer": {"name": "vq"}}
+    with pytest.raises(ConfigError, match="this model's first stage is vq"):
+        vae_to_diffusers(vq, 0.5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ldm_train.config import ConfigError
+from ldm_train.models.regularizers import regularizer_class
 
 # diffusers UNet2DConditionModel options our U-Net implements only at these values (anything else is refused).
 UNET_FIXED: dict[str, Any] = {
@@ -139,9 +140,10 @@ def vae_from_diffusers(config: dict) -> tuple[dict, float]:
 
 def vae_to_diffusers(arch: dict, scale_factor: float) -> dict:
     """Our KL autoencoder architecture → diffusers AutoencoderKL kwargs."""
-    if arch["regularizer"]["name"] != "kl" or arch.get("attn_resolutions"):
-        raise ConfigError("only a KL autoencoder without attention outside its mid blocks (attn_resolutions: []) "
-                          "has a diffusers AutoencoderKL equivalent")
+    kind = arch["regularizer"]["name"]
+    if not regularizer_class(kind).diffusers_vae or arch.get("attn_resolutions"):
+        raise ConfigError(f"only a KL autoencoder without attention outside its mid blocks (attn_resolutions: []) "
+                          f"has a diffusers AutoencoderKL equivalent; this model's first stage is {kind}")
     levels = len(arch["ch_mult"])
     return dict(in_channels=arch["in_channels"], out_channels=arch["in_channels"],
                 block_out_channels=[arch["ch"] * m for m in arch["ch_mult"]], layers_per_block=arch["num_res_blocks"],

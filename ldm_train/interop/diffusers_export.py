@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldm_train.config import ConfigError
 from ldm_train.interop.configs import schedule_to_diffusers, unet_to_diffusers, vae_to_diffusers
 from ldm_train.interop.keys import autoencoder_table, to_theirs, unet_table
 from ldm_train.utils.io import atomic_write_dir
@@ -38,10 +37,7 @@ def export_diffusers(pipe, out: Path) -> list[str]:
 
     from ldm_train.models.text import ClipTextEncoder
 
-    if pipe.first_stage.autoencoder.arch["regularizer"]["name"] != "kl":
-        raise ConfigError("format=diffusers needs a KL autoencoder (diffusers' AutoencoderKL); this model's "
-                          "first stage is VQ")
-    vae, unet, scheduler = diffusers_modules(pipe)
+    vae, unet, scheduler = diffusers_modules(pipe)  # refuses a first stage diffusers has no AutoencoderKL for
     notes = []
     if isinstance(pipe.text_encoder, ClipTextEncoder):
         tokenizer = pipe.text_encoder.tokenizer

@@ -301,9 +301,7 @@ def original_state(pipe) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     from ldm_train.interop.keys import original_unet, original_vae
     from ldm_train.models.text import ClipTextEncoder
 
-    if pipe.first_stage.autoencoder.arch["regularizer"]["name"] != "kl":
-        raise ConfigError("format=single_file needs a KL autoencoder; this model's first stage is VQ")
-    vae, unet, scheduler = diffusers_modules(pipe)
+    vae, unet, scheduler = diffusers_modules(pipe)  # refuses a first stage diffusers has no AutoencoderKL for
     up_attention = {i for i, t in enumerate(unet.config.up_block_types) if t.startswith("CrossAttn")}
     top_unet = sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
     out = original_unet(unet.state_dict(), unet.config.layers_per_block, up_attention, top_unet, UNET)
@@ -334,10 +332,11 @@ def original_state(pipe) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
 
 def export_single_file(pipe, out: Path) -> list[str]:
     """Write one .safetensors with the original key names (atomically); returns notes."""
-    import os
     import tempfile
 
     from safetensors.torch import save_file
+
+    from ldm_train.utils.io import atomic_write_file
 
     tensors, configs, notes = original_state(pipe)
     with tempfile.TemporaryDirectory() as tok:
@@ -346,16 +345,7 @@ def export_single_file(pipe, out: Path) -> list[str]:
             tokenizer.save_pretrained(tok)
             configs["tokenizer"] = {p.name: p.read_text() for p in sorted(Path(tok).iterdir()) if p.is_file()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, default=_json_default)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_file(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return notes
 
 

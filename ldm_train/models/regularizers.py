@@ -29,6 +29,7 @@ class DiagonalGaussianRegularizer(nn.Module):
     weight_key = "kl_weight"     # the key of its weight in conf/regularizer/kl.yaml
     reduction = "sum"            # the KL is a sum over C,H,W, so the reconstruction term is too (CompVis)
     stochastic = True            # a posterior to sample: stage 2 may train on samples or on the mode
+    diffusers_vae = True         # diffusers' AutoencoderKL holds this kind (export to diffusers / single file)
     cache_stores = "mean+std"    # the latent cache holds the posterior, and stage 2 samples from it per step
     cache_key = "mean"
     stage2_options: tuple[str, ...] = ()  # options that change what stage 2 sees (none: sampling is stage 2's)
@@ -97,6 +98,7 @@ class VectorQuantizer(nn.Module):
     weight_key = "codebook_weight"
     reduction = "mean"           # the VQ loss is a mean, so the reconstruction term is too (taming)
     stochastic = False
+    diffusers_vae = False        # diffusers' VQModel is not part of the SD pipelines we export to
     stage2_options = ("diffuse",)
 
     def __init__(self, n_embed: int, z_channels: int, beta: float = 0.25, restart_every: int = 200,

@@ -18,14 +18,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file via a temporary sibling (same folder, so the rename is atomic) and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+
+    atomic_write_file(path, write)
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary sibling of `path` (e.g. a library's own save function), which then replaces
+    `path`; a failure leaves `path` as it was and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
