@@ -19,7 +19,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file via a temporary sibling (same folder, so the rename is atomic) and rename it into place."""
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
