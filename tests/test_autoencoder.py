@@ -266,12 +266,12 @@ RANDOM_ALEX = {"weight": 0.0, "net": "alex", "weights": "random"}
 
 
 def _loss(reduction="sum", disc_loss="hinge", perceptual=None, logvar_init=0.0, disc_start=5, reg_weight=1e-6,
-          learn_logvar=False):
+          learn_logvar=False, pixel_loss="l1"):
     reg_key = "kl" if reduction == "sum" else "vq_loss"
     return AutoencoderLoss(reduction=reduction, reg_weight=reg_weight, reg_key=reg_key,
                            perceptual=perceptual or RANDOM_ALEX,
                            disc=dict(DISC), disc_start=disc_start, disc_weight=0.5, disc_loss=disc_loss,
-                           logvar_init=logvar_init, learn_logvar=learn_logvar)
+                           logvar_init=logvar_init, learn_logvar=learn_logvar, pixel_loss=pixel_loss)
 
 
 def _batch(seed=0):
@@ -280,6 +280,20 @@ def _batch(seed=0):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     xrec = dec(torch.randn(2, 4, 32, 32))
     return dec, x, xrec
+
+
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+def test_pixel_loss_is_the_per_pixel_term_of_the_nll(pixel_loss):
+    """Hand-worked: one 1×1×3 image, errors (0.5, −0.25, 0.1), logvar 0.2, sum reduction, no perceptual term:
+    nll = Σ|e|/e^0.2 + 3·0.2 (l1) or Σe²/e^0.2 + 3·0.2 (l2, SD's ft-MSE recipe)."""
+    loss_fn = _loss(disc_start=None, logvar_init=0.2, reg_weight=0.0, pixel_loss=pixel_loss)
+    x = torch.zeros(1, 3, 1, 1)
+    xrec = torch.tensor([0.5, -0.25, 0.1]).view(1, 3, 1, 1)
+    per_pixel = 0.85 if pixel_loss == "l1" else 0.25 + 0.0625 + 0.01
+    _, logs = loss_fn.generator_loss(x, xrec, {"kl": torch.tensor(0.0)}, step=0, last_layer=torch.zeros(1))
+    assert logs["nll"].item() == pytest.approx(per_pixel / math.exp(0.2) + 3 * 0.2, rel=1e-6)
+    with pytest.raises(ValueError, match="pixel_loss"):
+        _loss(pixel_loss="huber")
 
 
 def test_disc_start_none_means_no_adversarial_term():

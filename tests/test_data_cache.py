@@ -16,12 +16,15 @@ from safetensors.torch import load_file, save_file
 from ldm_train.__main__ import run
 from ldm_train.config import ConfigError, resolved_arch
 from ldm_train.data import build_datasets, make_loader
-from ldm_train.data.latents import CacheError, check_cache, read_info
+from ldm_train.data.health import SkipFractionError
+from ldm_train.data.images import summarize
+from ldm_train.data.latents import CacheError, InMemoryLatents, check_cache, read_info
 from ldm_train.data.shapes import ShapesDataset
 from ldm_train.lit.diffusion import DiffusionModule
 from ldm_train.models.autoencoder import Autoencoder
 from ldm_train.pipeline.artifacts import save_autoencoder
 from ldm_train.pipeline.first_stage import FirstStage
+from ldm_train.stages.diffusion import latents_in_memory
 from tests.conftest import compose_cfg, smoke_overrides
 
 SCALE = 2.5  # a made-up scale factor: what matters is that it is applied exactly once
@@ -145,3 +148,77 @@ def test_stage2_trains_on_the_latent_cache(smoke_autoencoder, tmp_path):
     assert metrics["steps"] == 4 and torch.isfinite(torch.tensor(metrics["val/loss"]))
     config = OmegaConf.load(artifacts / "diffusion" / "kl_f4" / "config.yaml")
     assert config.data == "latents" and config.resolution == 16  # the resolution comes from cache.json
+
+
+# ------------------------------------------------------------------------------- diffusion.latents_in_memory
+
+
+@pytest.mark.parametrize(("regularizer", "diffuse"), [("kl", None), ("vq", "pre_quant")])
+def test_in_memory_latents_equal_on_the_fly_encoding(tmp_path, regularizer, diffuse):
+    """Every item once, in order, batch-size independent; the stored latent is the encoder's (the posterior mean for
+    KL, with its std), the scale factor applied once on use, and the item's other fields kept."""
+    extra = (f"regularizer.diffuse={diffuse}",) if diffuse else ()
+    first_stage = FirstStage.from_artifact(random_artifact(tmp_path, regularizer, *extra))
+    source = ShapesDataset(16, 10, "train", 0)
+    cached, totals = InMemoryLatents.encode(source, first_stage, batch_size=4)  # batches of 4, 4, 2
+    assert len(cached) == 10 and summarize(totals) == {"samples": 10}
+    assert ("latent_std" in cached.columns) == (regularizer == "kl") and "image" not in cached.columns
+    images = torch.stack([source[i]["image"] for i in range(10)])
+    ae_model = first_stage.autoencoder
+    with torch.no_grad():
+        moments = ae_model.encode_moments(images)
+    raw = moments[:, : ae_model.z_channels] if regularizer == "kl" else moments
+    batch = next(iter(make_loader(cached, 10, False)))
+    assert batch["caption"] == [source[i]["caption"] for i in range(10)]
+    assert torch.equal(batch["label"], torch.tensor([source[i]["label"] for i in range(10)]))
+    assert torch.allclose(batch["latent"], raw, atol=1e-5)
+    mode = DiffusionModule.batch_latents(first_stage, batch, sample=False)
+    assert torch.allclose(mode, raw * SCALE, atol=1e-4)  # the scale factor once
+    assert torch.allclose(mode, first_stage.encode(images, sample=False), atol=1e-4)
+    if regularizer == "kl":
+        std = (0.5 * moments[:, ae_model.z_channels:].clamp(-30, 20)).exp()
+        assert torch.allclose(batch["latent_std"], std, atol=1e-5)
+        torch.manual_seed(1)
+        sampled = DiffusionModule.batch_latents(first_stage, batch, sample=True)  # a posterior sample per use
+        assert (sampled - mode).abs().max() > 1e-3
+
+
+def test_in_memory_latents_count_and_refuse_unreadable_images(tmp_path):
+    """data=folder: unreadable files are counted as training counts them, and too many stop the run."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"<html>not a png</html>")
+    cfg = compose_cfg([*smoke_overrides(tmp_path), "stage=diffusion", "data=folder", f"data.root={folder}",
+                       "data.resolution=16", "data.val_fraction=0", "diffusion.latents_in_memory=true"])
+    first_stage = FirstStage.from_artifact(random_artifact(tmp_path, "kl"))
+    train, _ = build_datasets(cfg.data)
+    with pytest.raises(SkipFractionError, match="of the training set"):
+        latents_in_memory(cfg, train, first_stage)  # 1 in 7 unreadable: above data.max_skip_fraction 0.05
+    cfg.data.max_skip_fraction = 0.5
+    cached = latents_in_memory(cfg, train, first_stage)
+    assert len(cached) == len(train)
+
+
+def test_in_memory_latents_refuse_streams_buckets_and_caches(tmp_path):
+    first_stage = FirstStage.from_artifact(random_artifact(tmp_path, "kl"))
+    with pytest.raises(ConfigError, match="already a latent cache"):
+        latents_in_memory(compose_cfg(["data=latents", "data.urls=x.tar"]), [], first_stage)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(ConfigError, match="stage=cache_latents"):
+        latents_in_memory(compose_cfg(["data=webdataset", "data.urls=x.tar"]), Stream(), first_stage)
+
+
+def test_stage2_trains_on_latents_in_memory(smoke_autoencoder, tmp_path):
+    metrics = run(compose_cfg(["experiment=smoke", "logger=none", "stage=diffusion", "diffusion.max_steps=3",
+                               "diffusion.val_every=3", "diffusion.latents_in_memory=true", "data.train_size=40",
+                               f"autoencoder.path={smoke_autoencoder['artifact']}",
+                               f"paths.artifacts={tmp_path / 'artifacts'}", f"paths.run_dir={tmp_path / 'run'}"]))
+    assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["val/loss"]))

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from ldm_train.data.shapes import ShapesDataset
+from ldm_train.data.shapes import ShapesDataset, parse_caption, read_attributes
 from ldm_train.evaluation.features import (
     FeatureNetworkError,
     inception_available,
@@ -122,6 +122,11 @@ def test_evaluate_autoencoder_artifact(smoke_autoencoder, shapes_features, compo
         xrec = model.decode_latent(model.latent(x, sample=False)).clamp(-1, 1)
     psnr = (10 * torch.log10(4 / ((xrec - x) ** 2).mean(dim=(1, 2, 3)))).mean()
     assert out["recon_psnr"] == pytest.approx(float(psnr), abs=1e-3)
+    # the ceiling of stage 2's caption alignment, by hand: reconstructions read back against their own captions
+    captions = [ShapesDataset(16, 32, "val", 0)[i]["caption"] for i in range(32)]
+    hits = sum(read_attributes(xrec[i]) == parse_caption(c) for i, c in enumerate(captions))
+    assert out["recon_caption_alignment"] == pytest.approx(hits / 32)
+    assert sum(read_attributes(x[i]) == parse_caption(c) for i, c in enumerate(captions)) == 32  # the reader works
 
     after = json.loads((artifact / "metrics.json").read_text())
     assert {k: after[k] for k in before} == before  # stage-1 keys kept

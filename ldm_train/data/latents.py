@@ -122,3 +122,61 @@ def latent_streams(cfg) -> tuple[ShardStream, ShardStream]:
     val = ShardStream(cfg.val_urls or cfg.urls, decode, epoch_size=cfg.val_size, shardshuffle=False,
                       shuffle_buffer=0, seed=cfg.seed)
     return train, val
+
+
+class InMemoryLatents(torch.utils.data.Dataset):
+    """A map-style dataset encoded once into RAM (`diffusion.latents_in_memory`, kohya's `--cache_latents`): item i
+    is {"latent", ["latent_std"], caption, label, ...}, the raw latents of the source's item i and its other fields.
+
+    Stage 2 then neither decodes nor encodes an image per step; `FirstStage.from_cache` draws the posterior sample
+    (KL) and applies the scale factor, as for the on-disk cache. What the source draws at random per access (a
+    random crop, a flip) is drawn once and frozen.
+    """
+
+    def __init__(self, columns: dict[str, torch.Tensor | list]):
+        self.columns = columns
+        self.size = len(columns["latent"])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        return {key: column[index] for key, column in self.columns.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.columns.values() if isinstance(c, torch.Tensor))
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, dataset: torch.utils.data.Dataset, first_stage, batch_size: int,
+               progress=None) -> tuple[InMemoryLatents, torch.Tensor]:
+        """Encode every item of `dataset` in order; returns the dataset and the summed count vector (samples, and bad
+        inputs by reason, as training counts them: `data.images.summarize`). `progress(done, total)` is called after
+        each batch."""
+        from ldm_train.data import make_loader
+        from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, NAMES_KEY
+
+        columns: dict[str, list] = {}
+        totals = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
+        done = 0
+        for batch in make_loader(dataset, batch_size, shuffle=False):
+            if COUNTS_KEY in batch:
+                totals += batch[COUNTS_KEY].sum(0)
+            latent, std = first_stage.raw_latents(batch["image"])
+            columns.setdefault("latent", []).append(latent)
+            if std is not None:
+                columns.setdefault("latent_std", []).append(std)
+            for key, value in batch.items():
+                if key not in ("image", COUNTS_KEY, NAMES_KEY):
+                    columns.setdefault(key, []).append(value)
+            done += len(latent)
+            if progress:
+                progress(done, len(dataset))
+        if not columns:
+            raise ValueError("diffusion.latents_in_memory: the training set is empty")
+        merged = {k: torch.cat(v) if isinstance(v[0], torch.Tensor) else [x for part in v for x in part]
+                  for k, v in columns.items()}
+        if not totals.any():  # a source without bad-input accounting (shapes): every item is a sample
+            totals[COUNT_KEYS.index("samples")] = done
+        return cls(merged), totals

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # (column title, exact keys in order of preference, prefixes of the variants): a cell shows the first key a job
 # has, and the header names the keys found, so a random-feature variant never borrows the published metric's name.
 AUTOENCODER = [("recon PSNR", ["recon_psnr"], None), ("recon SSIM", ["recon_ssim"], None),
-               ("LPIPS variant", ["recon_lpips"], ("recon_lpips_",)), ("rFD", ["rfid"], ("rfd_",))]
+               ("LPIPS variant", ["recon_lpips"], ("recon_lpips_",)), ("rFD", ["rfid"], ("rfd_",)),
+               ("recon caption alignment", ["recon_caption_alignment"], None)]
 GENERATION = [("FD", ["fid"], ("fd_",)), ("caption alignment", ["caption_alignment", "caption_alignment_cfg"], None),
               ("sampling throughput", ["eval_samples_per_second"], None)]
 TIMES = [("stage-1 ms/step", "autoencoder_ms_per_step"), ("stage-2 ms/step", "diffusion_ms_per_step"),

@@ -31,7 +31,7 @@ class MetricInfo:
 _RULES = {
     "recon_psnr": ("dB", True), "recon_ssim": ("", True), "recon_lpips": ("", False), "recon_l1": ("", False),
     "rfid": ("", False), "rfd_": ("", False), "fid": ("", False), "fd_": ("", False),
-    "caption_alignment": ("fraction of samples", True),
+    "caption_alignment": ("fraction of samples", True), "recon_caption_alignment": ("fraction of images", True),
     "samples_per_second": ("samples/s", True),
     "train_seconds": ("s", False), "ms_per_step": ("ms", False),
 }

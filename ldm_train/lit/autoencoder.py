@@ -55,7 +55,7 @@ class AutoencoderModule(L.LightningModule):
                                     perceptual=loss["perceptual"], disc=disc, disc_start=loss["disc_start"],
                                     disc_weight=loss["disc_weight"],
                                     disc_loss=loss["disc_loss"], learn_logvar=loss["learn_logvar"],
-                                    logvar_init=loss["logvar_init"])
+                                    logvar_init=loss["logvar_init"], pixel_loss=loss["pixel_loss"])
         self.lr, self.optimizer_spec, self.lr_scheduler_spec = lr, optimizer, lr_scheduler
         self.out_dir = out_dir
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))

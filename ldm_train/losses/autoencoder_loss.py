@@ -42,8 +42,12 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
+# the per-pixel term of rec: CompVis' L1, or the squared error of SD's ft-MSE VAE recipe (MSE + 0.1·LPIPS)
+PIXEL_LOSSES = {"l1": torch.abs, "l2": torch.square}
+
+
 class AutoencoderLoss(nn.Module):
-    """rec = |x − x̂| + w_p·P(x, x̂); nll = rec/exp(logvar) + logvar; + reg_weight·reg + λ·g after disc_start.
+    """rec = |x − x̂| (or (x − x̂)², `pixel_loss="l2"`) + w_p·P(x, x̂); nll = rec/exp(logvar) + logvar; + reg_weight·reg + λ·g after disc_start.
 
     `reduction="sum"` (KL) sums nll over C,H,W and averages over the batch, as CompVis does, so kl_weight 1e-6
     keeps the paper's meaning; `reduction="mean"` (VQ) uses plain means, as taming does. Both come from the
@@ -55,8 +59,11 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, *, reduction: str, reg_weight: float, reg_key: str, perceptual: dict, disc: dict,
                  disc_start: int | None, disc_weight: float = 0.5, disc_loss: str = "hinge",
-                 learn_logvar: bool = False, logvar_init: float = 0.0):
+                 learn_logvar: bool = False, logvar_init: float = 0.0, pixel_loss: str = "l1"):
         super().__init__()
+        if pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"unknown loss.pixel_loss {pixel_loss!r}; valid: {', '.join(PIXEL_LOSSES)}")
+        self.pixel_loss = PIXEL_LOSSES[pixel_loss]
         if reduction not in ("sum", "mean"):
             raise ValueError(f"loss.reduction must be sum or mean, got {reduction!r}")
         if disc_loss not in D_LOSSES:
@@ -76,7 +83,7 @@ class AutoencoderLoss(nn.Module):
 
     def reconstruction(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel rec (B, C, H, W) and the perceptual distance (B, 1, 1, 1) used in it."""
-        rec = (x - xrec).abs()
+        rec = self.pixel_loss(x - xrec)
         p = torch.zeros((), device=x.device)
         if self.perceptual_weight > 0:
             p = self.perceptual(x.contiguous(), xrec.contiguous())  # (B, 1, 1, 1)

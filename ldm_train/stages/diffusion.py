@@ -21,9 +21,9 @@ from ldm_train.config import (
 )
 from ldm_train.data import bucketed, build_datasets, make_loader
 from ldm_train.data.distributed import trainer_loaders
-from ldm_train.data.health import DataHealth
-from ldm_train.data.images import caption_limit
-from ldm_train.data.latents import check_cache, check_cache_buckets, read_info
+from ldm_train.data.health import DataHealth, check_skip_fraction
+from ldm_train.data.images import SKIP_REASONS, caption_limit, summarize
+from ldm_train.data.latents import InMemoryLatents, check_cache, check_cache_buckets, read_info
 from ldm_train.data.prompts import validation_prompts
 from ldm_train.evaluation.quality import build_quality_monitor
 from ldm_train.lit.diffusion import DiffusionModule
@@ -75,6 +75,26 @@ def init_pipeline(cfg: DictConfig) -> LatentDiffusionPipeline:
     return pipe
 
 
+def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage):
+    """`diffusion.latents_in_memory`: the training set encoded once into RAM (data.latents.InMemoryLatents)."""
+    if cfg.data.name == "latents":
+        raise ConfigError("diffusion.latents_in_memory=true with data=latents: that data is already a latent cache; "
+                          "leave latents_in_memory false")
+    if isinstance(train_ds, torch.utils.data.IterableDataset) or bucketed(train_ds):
+        raise ConfigError(f"diffusion.latents_in_memory=true needs an indexable training set of one image size "
+                          f"(data=shapes, or data=folder without aspect buckets), not data={cfg.data.name}"
+                          f"{' with aspect buckets' if bucketed(train_ds) else ''}: write the cache once with "
+                          "stage=cache_latents and train with data=latents")
+    start = time.time()
+    cached, totals = InMemoryLatents.encode(train_ds, first_stage, cfg.diffusion.batch_size)
+    counts = summarize(totals)
+    log.info("latents in memory: %d training images encoded in %.0f s (%.1f MiB; skipped %s)", len(cached),
+             time.time() - start, cached.nbytes / 2**20, {k: v for k, v in counts.items() if k in SKIP_REASONS}
+             or "none")
+    check_skip_fraction(totals, cfg.data.get("max_skip_fraction", 0.05), "of the training set ")
+    return cached
+
+
 def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     d = cfg.diffusion
@@ -103,6 +123,8 @@ def run(cfg: DictConfig) -> dict:
     stats = first_stage.health_check(probe.get("image"), tuple(d.latent_std_range), latents)
     log.info("latent health check passed: scaled mean %.3f std %.3f (scale_factor %.5f)", stats["scaled_mean"],
              stats["scaled_std"], stats["scale_factor"])
+    if d.get("latents_in_memory"):
+        train_ds = latents_in_memory(cfg, train_ds, first_stage)
     log.info("denoiser (%s) %.2fM parameters; text encoder %s (dim %d, %s)", cfg.unet.get("kind", "unet"),
              sum(p.numel() for p in unet.parameters()) / 1e6,
              cfg.text_encoder.name, text_encoder.dim, "trained jointly" if text_encoder.trainable else "frozen")

@@ -1,6 +1,7 @@
 """`stage=evaluate`: reconstruction metrics of an autoencoder artifact, generation metrics of a diffusion artifact.
 
-Autoencoder (validation set): recon_psnr, recon_ssim, recon_<LPIPS variant>, rfid | rfd_<net>.
+Autoencoder (validation set): recon_psnr, recon_ssim, recon_<LPIPS variant>, rfid | rfd_<net>; on shapes also
+recon_caption_alignment (reconstructions whose colour, shape and position still match the caption).
 Diffusion (N generated vs N real, one sampler/steps/guidance): fid | fd_<net>, caption_alignment (shapes).
 Each artifact's metrics.json gains an `evaluation` entry (other keys kept); the run folder gets metrics.json.
 """
@@ -74,12 +75,19 @@ def evaluate_autoencoder(cfg: DictConfig, features: FeatureNetwork | None) -> tu
     if n < len(val_ds):
         val_ds = torch.utils.data.Subset(val_ds, range(n))
     perceptual, perceptual_name = build_perceptual(OmegaConf.to_container(cfg.eval.lpips, resolve=True))
-    batches = [b["image"] for b in make_loader(val_ds, cfg.eval.batch_size, False)]
+    loaded = list(make_loader(val_ds, cfg.eval.batch_size, False))
+    batches = [b["image"] for b in loaded]
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:  # the deterministic path: posterior mode (KL) or z_q (VQ)
         return model.decode_latent(model.latent(x, sample=False))
 
     metrics = reconstruction_metrics(reconstruct, batches, perceptual, perceptual_name, features)
+    if cfg.data.name == "shapes":  # what survives the round trip: the ceiling of stage 2's caption alignment
+        from ldm_train.data.shapes import caption_alignment
+
+        hits = sum(caption_alignment(reconstruct(b["image"]).clamp(-1, 1), b["caption"]) * len(b["caption"])
+                   for b in loaded)
+        metrics["recon_caption_alignment"] = hits / n
     x = batches[0][:8]
     grid = save_grid(torch.cat([x, reconstruct(x).clamp(-1, 1)]), run_dir(cfg) / "evaluate" / "reconstructions.png",
                      nrow=len(x), scale=max(1, 64 // cfg.data.resolution))
