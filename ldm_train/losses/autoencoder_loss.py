@@ -47,7 +47,8 @@ PIXEL_LOSSES = {"l1": torch.abs, "l2": torch.square}
 
 
 class AutoencoderLoss(nn.Module):
-    """rec = |x − x̂| (or (x − x̂)², `pixel_loss="l2"`) + w_p·P(x, x̂); nll = rec/exp(logvar) + logvar; + reg_weight·reg + λ·g after disc_start.
+    """rec = |x − x̂| (or (x − x̂)², `pixel_loss="l2"`) + w_p·P(x, x̂); nll = rec/exp(logvar) + logvar;
+    + reg_weight·reg + λ·g after disc_start.
 
     `reduction="sum"` (KL) sums nll over C,H,W and averages over the batch, as CompVis does, so kl_weight 1e-6
     keeps the paper's meaning; `reduction="mean"` (VQ) uses plain means, as taming does. Both come from the
