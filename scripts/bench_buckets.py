@@ -83,6 +83,7 @@ def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: lis
     """Both stages; returns (diffusion artifact, stage-2 training samples per second)."""
     common = [f"experiment={experiment}", *data, "data.resolution=32",
               "data.flip=false", f"data.aspect_buckets={buckets}", "diffusion.eval_samples=0", "logger=none",
+              "diffusion.latents_in_memory=false",  # buckets need the per-step encoding; both runs get the same path
               f"paths.artifacts={out / 'artifacts'}", *extra]
     run(compose([*common, "stage=autoencoder", f"paths.run_dir={out / 'run_ae'}"]))
     cfg = compose([*common, "stage=diffusion", f"paths.run_dir={out / 'run_diffusion'}"])

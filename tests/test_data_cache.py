@@ -212,7 +212,7 @@ def test_in_memory_latents_refuse_streams_buckets_and_caches(tmp_path):
         def __iter__(self):
             return iter(())
 
-    with pytest.raises(ConfigError, match="stage=cache_latents"):
+    with pytest.raises(ConfigError, match="latents_in_memory=false.*stage=cache_latents"):
         latents_in_memory(compose_cfg(["data=webdataset", "data.urls=x.tar"]), Stream(), first_stage)
 
 

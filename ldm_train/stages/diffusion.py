@@ -83,8 +83,9 @@ def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage):
     if isinstance(train_ds, torch.utils.data.IterableDataset) or bucketed(train_ds):
         raise ConfigError(f"diffusion.latents_in_memory=true needs an indexable training set of one image size "
                           f"(data=shapes, or data=folder without aspect buckets), not data={cfg.data.name}"
-                          f"{' with aspect buckets' if bucketed(train_ds) else ''}: write the cache once with "
-                          "stage=cache_latents and train with data=latents")
+                          f"{' with aspect buckets' if bucketed(train_ds) else ''}: set "
+                          "diffusion.latents_in_memory=false (experiment=quickstart turns it on), or write the cache "
+                          "once with stage=cache_latents and train with data=latents")
     start = time.time()
     cached, totals = InMemoryLatents.encode(train_ds, first_stage, cfg.diffusion.batch_size)
     counts = summarize(totals)
