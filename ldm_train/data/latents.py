@@ -150,10 +150,10 @@ class InMemoryLatents(torch.utils.data.Dataset):
     @classmethod
     @torch.no_grad()
     def encode(cls, dataset: torch.utils.data.Dataset, first_stage, batch_size: int,
-               progress=None) -> tuple[InMemoryLatents, torch.Tensor]:
-        """Encode every item of `dataset` in order; returns the dataset and the summed count vector (samples, and bad
-        inputs by reason, as training counts them: `data.images.summarize`). `progress(done, total)` is called after
-        each batch."""
+               device: torch.device | str = "cpu", progress=None) -> tuple[InMemoryLatents, torch.Tensor]:
+        """Encode every item of `dataset` in order on `device` (the latents are kept on the CPU); returns the dataset
+        and the summed count vector (samples, and bad inputs by reason, as training counts them:
+        `data.images.summarize`). `progress(done, total)` is called after each batch."""
         from ldm_train.data import make_loader
         from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, NAMES_KEY
 
@@ -163,10 +163,10 @@ class InMemoryLatents(torch.utils.data.Dataset):
         for batch in make_loader(dataset, batch_size, shuffle=False):
             if COUNTS_KEY in batch:
                 totals += batch[COUNTS_KEY].sum(0)
-            latent, std = first_stage.raw_latents(batch["image"])
-            columns.setdefault("latent", []).append(latent)
+            latent, std = first_stage.raw_latents(batch["image"].to(device))
+            columns.setdefault("latent", []).append(latent.cpu())
             if std is not None:
-                columns.setdefault("latent_std", []).append(std)
+                columns.setdefault("latent_std", []).append(std.cpu())
             for key, value in batch.items():
                 if key not in ("image", COUNTS_KEY, NAMES_KEY):
                     columns.setdefault(key, []).append(value)

@@ -75,8 +75,9 @@ def init_pipeline(cfg: DictConfig) -> LatentDiffusionPipeline:
     return pipe
 
 
-def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage):
-    """`diffusion.latents_in_memory`: the training set encoded once into RAM (data.latents.InMemoryLatents)."""
+def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage, device: torch.device | str = "cpu"):
+    """`diffusion.latents_in_memory`: the training set encoded once on `device` (this rank's accelerator) into RAM
+    (data.latents.InMemoryLatents)."""
     if cfg.data.name == "latents":
         raise ConfigError("diffusion.latents_in_memory=true with data=latents: that data is already a latent cache; "
                           "leave latents_in_memory false")
@@ -87,7 +88,9 @@ def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage):
                           "diffusion.latents_in_memory=false (experiment=quickstart turns it on), or write the cache "
                           "once with stage=cache_latents and train with data=latents")
     start = time.time()
-    cached, totals = InMemoryLatents.encode(train_ds, first_stage, cfg.diffusion.batch_size)
+    home = next(first_stage.parameters()).device
+    cached, totals = InMemoryLatents.encode(train_ds, first_stage.to(device), cfg.diffusion.batch_size, device)
+    first_stage.to(home)  # Lightning moves the whole module at fit
     counts = summarize(totals)
     log.info("latents in memory: %d training images encoded in %.0f s (%.1f MiB; skipped %s)", len(cached),
              time.time() - start, cached.nbytes / 2**20, {k: v for k, v in counts.items() if k in SKIP_REASONS}
@@ -124,8 +127,6 @@ def run(cfg: DictConfig) -> dict:
     stats = first_stage.health_check(probe.get("image"), tuple(d.latent_std_range), latents)
     log.info("latent health check passed: scaled mean %.3f std %.3f (scale_factor %.5f)", stats["scaled_mean"],
              stats["scaled_std"], stats["scale_factor"])
-    if d.get("latents_in_memory"):
-        train_ds = latents_in_memory(cfg, train_ds, first_stage)
     log.info("denoiser (%s) %.2fM parameters; text encoder %s (dim %d, %s)", cfg.unet.get("kind", "unet"),
              sum(p.numel() for p in unet.parameters()) / 1e6,
              cfg.text_encoder.name, text_encoder.dim, "trained jointly" if text_encoder.trainable else "frozen")
@@ -143,6 +144,8 @@ def run(cfg: DictConfig) -> dict:
                             schedule_to_time=bool(d.get("schedule_to_time")), gradient_clip_val=d.grad_clip or None,
                             callbacks=callbacks + ([quality] if quality else []))
     global_batch(trainer, d.batch_size, "stage 2")
+    if d.get("latents_in_memory"):
+        train_ds = latents_in_memory(cfg, train_ds, first_stage, trainer.strategy.root_device)
     train_loader, val_loader = trainer_loaders(trainer, train_ds, val_ds, d.batch_size, cfg.seed, cfg.data.num_workers)
     start = time.time()
     trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.ckpt_path, weights_only=True)
