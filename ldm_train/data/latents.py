@@ -150,10 +150,10 @@ class InMemoryLatents(torch.utils.data.Dataset):
     @classmethod
     @torch.no_grad()
     def encode(cls, dataset: torch.utils.data.Dataset, first_stage, batch_size: int,
-               device: torch.device | str = "cpu", progress=None) -> tuple[InMemoryLatents, torch.Tensor]:
+               device: torch.device | str = "cpu") -> tuple[InMemoryLatents, torch.Tensor]:
         """Encode every item of `dataset` in order on `device` (the latents are kept on the CPU); returns the dataset
         and the summed count vector (samples, and bad inputs by reason, as training counts them:
-        `data.images.summarize`). `progress(done, total)` is called after each batch."""
+        `data.images.summarize`)."""
         from ldm_train.data import make_loader
         from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, NAMES_KEY
 
@@ -171,8 +171,6 @@ class InMemoryLatents(torch.utils.data.Dataset):
                 if key not in ("image", COUNTS_KEY, NAMES_KEY):
                     columns.setdefault(key, []).append(value)
             done += len(latent)
-            if progress:
-                progress(done, len(dataset))
         if not columns:
             raise ValueError("diffusion.latents_in_memory: the training set is empty")
         merged = {k: torch.cat(v) if isinstance(v[0], torch.Tensor) else [x for part in v for x in part]
