@@ -78,15 +78,19 @@ def evaluate_autoencoder(cfg: DictConfig, features: FeatureNetwork | None) -> tu
     loaded = list(make_loader(val_ds, cfg.eval.batch_size, False))
     batches = [b["image"] for b in loaded]
 
+    reconstructions: list[torch.Tensor] = []  # kept for the caption read-back: each batch is decoded once
+
     def reconstruct(x: torch.Tensor) -> torch.Tensor:  # the deterministic path: posterior mode (KL) or z_q (VQ)
-        return model.decode_latent(model.latent(x, sample=False))
+        out = model.decode_latent(model.latent(x, sample=False))
+        reconstructions.append(out)
+        return out
 
     metrics = reconstruction_metrics(reconstruct, batches, perceptual, perceptual_name, features)
     if cfg.data.name == "shapes":  # what survives the round trip: the ceiling of stage 2's caption alignment
         from ldm_train.data.shapes import caption_alignment
 
-        hits = sum(caption_alignment(reconstruct(b["image"]).clamp(-1, 1), b["caption"]) * len(b["caption"])
-                   for b in loaded)
+        hits = sum(caption_alignment(r.clamp(-1, 1), b["caption"]) * len(b["caption"])
+                   for r, b in zip(reconstructions, loaded))
         metrics["recon_caption_alignment"] = hits / n
     x = batches[0][:8]
     grid = save_grid(torch.cat([x, reconstruct(x).clamp(-1, 1)]), run_dir(cfg) / "evaluate" / "reconstructions.png",
