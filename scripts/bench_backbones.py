@@ -1,6 +1,6 @@
 """Stage-2 backbones × objectives on shapes: U-Net/ε, U-Net/flow, DiT/ε, DiT/flow side by side.
 
-    python scripts/bench_backbones.py                       # the quickstart budget (1500 stage-2 steps per case)
+    python scripts/bench_backbones.py                       # the quickstart budget (its stage-2 steps per case)
     python scripts/bench_backbones.py --steps 150 --eval-samples 64 --ae-steps 300   # a reduced budget
 
 One stage-1 autoencoder (experiment=quickstart, KL f=4, 32 px) is trained once and shared; each case is then a
