@@ -88,9 +88,8 @@ def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage, device
                           "diffusion.latents_in_memory=false (experiment=quickstart turns it on), or write the cache "
                           "once with stage=cache_latents and train with data=latents")
     start = time.time()
-    home = next(first_stage.parameters()).device
+    # left on `device`: that is where Lightning moves the whole module at fit
     cached, totals = InMemoryLatents.encode(train_ds, first_stage.to(device), cfg.diffusion.batch_size, device)
-    first_stage.to(home)  # Lightning moves the whole module at fit
     counts = summarize(totals)
     log.info("latents in memory: %d training images encoded in %.0f s (%.1f MiB; skipped %s)", len(cached),
              time.time() - start, cached.nbytes / 2**20, {k: v for k, v in counts.items() if k in SKIP_REASONS}

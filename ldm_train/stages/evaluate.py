@@ -78,15 +78,17 @@ def evaluate_autoencoder(cfg: DictConfig, features: FeatureNetwork | None) -> tu
     loaded = list(make_loader(val_ds, cfg.eval.batch_size, False))
     batches = [b["image"] for b in loaded]
 
-    reconstructions: list[torch.Tensor] = []  # kept for the caption read-back: each batch is decoded once
+    read_back = cfg.data.name == "shapes"  # what survives the round trip: the ceiling of stage 2's caption alignment
+    reconstructions: list[torch.Tensor] = []  # kept for that read-back only: each batch is decoded once
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:  # the deterministic path: posterior mode (KL) or z_q (VQ)
         out = model.decode_latent(model.latent(x, sample=False))
-        reconstructions.append(out)
+        if read_back:
+            reconstructions.append(out)
         return out
 
     metrics = reconstruction_metrics(reconstruct, batches, perceptual, perceptual_name, features)
-    if cfg.data.name == "shapes":  # what survives the round trip: the ceiling of stage 2's caption alignment
+    if read_back:
         from ldm_train.data.shapes import caption_alignment
 
         hits = sum(caption_alignment(r.clamp(-1, 1), b["caption"]) * len(b["caption"])
