@@ -156,6 +156,12 @@ def _validate_distribution(cfg: DictConfig) -> None:
         # with more than one shard, the EMA update and the artifact export would see only this rank's shard
         raise ConfigError("strategy=fsdp is supported on one GPU only (trainer.devices=1, trainer.num_nodes=1): "
                           "the EMA and the artifact export do not gather sharded weights yet; use strategy=ddp")
+    if trains_stage1 and cfg.strategy.name == "fsdp":
+        # seen on an H200 (torch 2.11, Lightning 2.6.6): the first manual_backward of stage 1 stops in FSDP's
+        # post-backward hook ("Expects BACKWARD_PRE or BACKWARD_POST state but got HandleTrainingState.FORWARD")
+        raise ConfigError(f"strategy=fsdp trains stage 2 only (stage={cfg.stage} trains the autoencoder, whose two-"
+                          "optimizer step fails under FSDP): train the autoencoder with strategy=auto or ddp (it "
+                          "fits one device), then run stage=diffusion strategy=fsdp")
     if trains_stage1 and t.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError("stage 1 steps both optimizers on every batch and cannot accumulate gradients: set "
                           "trainer.accumulate_grad_batches=1 and raise autoencoder.batch_size or trainer.devices")

@@ -217,6 +217,8 @@ def test_cli_invalid_f_fails_before_training(cli):
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["autoencoder.batch_size=1"], "autoencoder.loss.disc.norm=group"),
     (["strategy=fsdp", "trainer.accelerator=cpu"], "strategy=ddp"),
+    (["strategy=fsdp", "trainer.accelerator=gpu"], "strategy=fsdp trains stage 2 only"),
+    (["stage=pipeline", "strategy=fsdp", "trainer.accelerator=gpu"], "then run stage=diffusion strategy=fsdp"),
     (["stage=diffusion", "trainer.devices=4", "diffusion.batch_size=2"], "each of the 4 devices"),
     (["+autoencoder.optimizer.lr=0.1"], "set the learning rate with autoencoder.lr"),
 ])
