@@ -144,6 +144,23 @@ def _validate_buckets(cfg: DictConfig) -> None:
                           f"data={cfg.data.name}; set data.aspect_buckets=false"
                           + (" (a latent cache written with buckets is read by bucket anyway)"
                              if cfg.data.name == "latents" else ""))
+    from ldm_train.data import config_buckets
+    from ldm_train.data.buckets import suggested_buckets
+
+    multiple = size_multiple(cfg)
+    try:
+        buckets = config_buckets(cfg.data, multiple)
+    except ValueError as e:
+        raise ConfigError(f"{e}: stage={cfg.stage} needs every image side divisible by {multiple} (f times what the "
+                          "denoiser needs of the latent); change those sizes") from None
+    if len(buckets) == 1:
+        r, d = int(cfg.data.resolution), cfg.data
+        listing = ",".join(f"[{h},{w}]" for h, w in suggested_buckets(r, multiple, d.bucket_aspect_range))
+        raise ConfigError(f"data.aspect_buckets=true, but at data.resolution={r} with sides multiples of {multiple} "
+                          f"and aspect w/h in {list(d.bucket_aspect_range)} the only size of about {r}² pixels is "
+                          f"{r}x{r}: every image would be center-cropped as without buckets. List the sizes yourself, "
+                          f"e.g. data.buckets=[{listing}] (h, w; each side a multiple of {multiple}), or raise "
+                          "data.resolution")
 
 
 def _validate_distribution(cfg: DictConfig) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -127,11 +128,18 @@ def test_stream_buckets_refuse_too_few_samples(tmp_path, monkeypatch):
 
 def test_bucket_configs(tmp_path):
     shard = write_mixed_shards(tmp_path / "shards", 1, 2).replace("{000000..000000}", "000000")
-    validate(compose_cfg(["experiment=smoke", "data=webdataset", f"data.urls={shard}", "data.num_workers=0",
-                          "data.aspect_buckets=true"]))
+    stream = ["experiment=smoke", "stage=diffusion", "data=webdataset", f"data.urls={shard}", "data.num_workers=0",
+              "data.aspect_buckets=true"]
+    # smoke: 16 px, sides multiples of 8 (f=4 × the tiny U-Net's 2): the generated set is the square alone
+    with pytest.raises(ConfigError, match=re.escape("data.buckets=[[16,16],[16,24],[24,16]]")):
+        validate(compose_cfg(stream))
+    validate(compose_cfg([*stream, "data.buckets=[[16,16],[16,24],[24,16]]"]))
+    with pytest.raises(ConfigError, match="12x24 .* not multiples of 8"):
+        validate(compose_cfg([*stream, "data.buckets=[[16,16],[12,24]]"]))
+    validate(compose_cfg([*stream, "stage=autoencoder", "data.buckets=[[16,16],[12,24]]"]))  # stage 1: f=4
     validate(compose_cfg(["experiment=smoke", "stage=cache_latents", "data=folder",
                           f"data.root={mixed_folder(tmp_path / 'imgs', 3)}", "data.min_val_images=1",
-                          "data.aspect_buckets=true"]))
+                          "data.aspect_buckets=true", "data.resolution=32"]))
     validate(compose_cfg(["experiment=smoke", "stage=diffusion", "data=webdataset", f"data.urls={shard}",
                           "data.num_workers=0", "diffusion.size_conditioning=true"]))
     with pytest.raises(ConfigError, match="read by bucket anyway"):

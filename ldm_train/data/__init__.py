@@ -58,13 +58,17 @@ def folder_val_size(n_images: int, val_fraction: float) -> int:
     return max(1, int(n_images * val_fraction)) if n_images > 1 else 0
 
 
-def config_buckets(cfg) -> list | None:
-    """The bucket sizes of `data.aspect_buckets` (None when off); `data.bucket_multiple` is set at start-up."""
-    if not cfg.get("aspect_buckets"):
+def config_buckets(cfg, multiple: int | None = None, force: bool = False) -> list | None:
+    """The bucket sizes of `data.aspect_buckets` (None when off, unless `force`): `data.buckets` when listed, else
+    generated from the resolution, the side multiple (`data.bucket_multiple`, set at start-up) and the aspect range."""
+    if not (force or cfg.get("aspect_buckets")):
         return None
-    from ldm_train.data.buckets import make_buckets
+    from ldm_train.data.buckets import listed_buckets, make_buckets
 
-    return make_buckets(int(cfg.resolution), int(cfg.get("bucket_multiple") or 8), cfg.bucket_aspect_range)
+    multiple = int(multiple or cfg.get("bucket_multiple") or 8)
+    if cfg.get("buckets"):
+        return listed_buckets(cfg.buckets, multiple)
+    return make_buckets(int(cfg.resolution), multiple, cfg.get("bucket_aspect_range", (0.5, 2.0)))
 
 
 def bucketed(dataset: Dataset) -> bool:

@@ -1,9 +1,11 @@
 """Aspect-ratio buckets: a set of (height, width) sizes of about equal area, and which one each image goes to.
 
 Sizes are multiples of `multiple` (what the models need: f for stage 1, f·2^(levels−1) for stage 2, see
-`ldm_train.config.size_multiple`) with area close to resolution² and aspect w/h within [min_aspect, max_aspect].
-An image of size (H, W) goes to the bucket it loses least of when resized to cover the bucket and center-cropped:
-kept fraction = min(a_b/a, a/a_b) for aspects a = W/H, a_b = w/h (ties: the smaller resize).
+`ldm_train.config.size_multiple`) with area close to resolution² and aspect w/h within [min_aspect, max_aspect];
+`data.buckets` lists them instead (when the multiple is coarse against a small resolution the generated set can be
+the square alone, which the start-up check refuses). An image of size (H, W) goes to the bucket it loses least of
+when resized to cover the bucket and center-cropped: kept fraction = min(a_b/a, a/a_b) for aspects a = W/H,
+a_b = w/h (ties: the smaller resize).
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ def make_buckets(resolution: int, multiple: int, aspect_range: Sequence[float] =
         h = max(multiple, round(area / w / multiple) * multiple)
         sizes.update(s for s in ((h, w), (w, h)) if lo - 1e-9 <= s[1] / s[0] <= hi + 1e-9)
     return sorted(sizes, key=lambda b: (b[1] / b[0], b[0]))
+
+
+def listed_buckets(sizes: Iterable[Sequence[int]], multiple: int) -> list[Bucket]:
+    """The user's own bucket set (`data.buckets: [[h, w], ...]`), sorted by aspect w/h like `make_buckets`'; every
+    side must be a positive multiple of `multiple`."""
+    buckets = sorted({(int(h), int(w)) for h, w in sizes}, key=lambda b: (b[1] / b[0], b[0]))
+    bad = [f"{h}x{w}" for h, w in buckets if h <= 0 or w <= 0 or h % multiple or w % multiple]
+    if bad:
+        raise ValueError(f"data.buckets: {', '.join(bad)} (h×w) have sides that are not multiples of {multiple}")
+    return buckets
+
+
+def suggested_buckets(resolution: int, multiple: int, aspect_range: Sequence[float]) -> list[Bucket]:
+    """For a bucket set that came out square only: the square and the next sides up, (r, r + m) and (r + m, r),
+    where their aspect fits — larger than resolution² in area, the nearest non-square sizes there are."""
+    r, m = resolution, multiple
+    lo, hi = float(aspect_range[0]), float(aspect_range[1])
+    return [(r, r)] + [s for s in ((r, r + m), (r + m, r)) if lo <= s[1] / s[0] <= hi]
 
 
 def kept_fraction(height: int, width: int, bucket: Bucket) -> float:

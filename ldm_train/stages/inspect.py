@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 
 from ldm_train.config import ConfigError, run_dir, size_multiple
-from ldm_train.data.buckets import histogram, make_buckets, nearest_bucket
+from ldm_train.data import config_buckets
+from ldm_train.data.buckets import histogram, nearest_bucket
 from ldm_train.data.images import (
     CONVERT_REASONS,
     COUNT_KEYS,
@@ -223,7 +224,7 @@ def _plots(ok: list[Record], bucket_hist: dict[str, int], out: Path) -> list[Pat
 
 def run(cfg: DictConfig) -> dict:
     d = cfg.data
-    buckets = make_buckets(int(d.resolution), size_multiple(cfg), d.get("bucket_aspect_range", (0.5, 2.0)))
+    buckets = config_buckets(d, size_multiple(cfg), force=True)  # the report shows them with buckets on or off
     out = Path(cfg.inspect.out) if cfg.inspect.get("out") else run_dir(cfg) / "inspect"
     report = inspect_inputs(d, buckets, cfg.inspect.get("limit"))
     metrics = write_report(report, out, d, buckets)
