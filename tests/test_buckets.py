@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm_train.config import ConfigError, validate
-from ldm_train.data import build_datasets, make_loader
+from ldm_train.data import build_datasets, config_buckets, make_loader
 from ldm_train.data.buckets import (
     batches_per_rank,
     bucket_batches,
@@ -167,3 +167,19 @@ def test_bucket_config_checks(compose_cfg):
 def test_log_aspect_is_symmetric():
     b = make_buckets(64, 8, (0.25, 4.0))
     assert sorted(round(math.log(w / h), 6) for h, w in b) == sorted(round(-math.log(w / h), 6) for h, w in b)
+
+
+def test_listed_buckets_replace_the_generated_set(tmp_path):
+    ds = _bucketed(tmp_path)
+    cfg = OmegaConf.create({"name": "folder", "root": str(ds.root), "resolution": 32, "random_crop": False,
+                            "flip": False, "seed": 0, "val_fraction": 0.2, "aspect_buckets": True,
+                            "bucket_aspect_range": [0.5, 2.0], "bucket_multiple": 16,
+                            "buckets": [[48, 32], [32, 32], [32, 48]]})
+    assert config_buckets(cfg) == [(48, 32), (32, 32), (32, 48)]  # sorted by aspect w/h, as generated ones
+    assert make_buckets(32, 16) == [(32, 32)]  # what the list stands in for at multiple 16
+    train, _ = build_datasets(cfg)
+    _, sizes = dataset_buckets(train)
+    assert sizes == [(48, 32), (32, 32), (32, 48)]
+    assert {tuple(train[i]["image"].shape[1:]) for i in range(len(train))} == {(48, 32), (32, 32), (32, 48)}
+    with pytest.raises(ValueError, match="24x40 .* not multiples of 16"):
+        config_buckets(OmegaConf.merge(cfg, {"buckets": [[32, 32], [24, 40]]}))
