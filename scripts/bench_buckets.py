@@ -88,7 +88,7 @@ def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: lis
               # the three sizes as the buckets: at 32 px with sides multiples of 16 (f=4 × the U-Net's 4) the
               # generated set would be 32×32 alone
               "data.buckets=[" + ",".join(f"[{h},{w}]" for h, w in SIZES) + "]",
-              "diffusion.latents_in_memory=false",  # buckets need the per-step encoding; both runs get the same path
+              "diffusion.latents_in_memory=true",  # as the quickstart: the training set encoded once, at its buckets
               f"paths.artifacts={out / 'artifacts'}", *extra]
     run(compose([*common, "stage=autoencoder", f"paths.run_dir={out / 'run_ae'}"]))
     cfg = compose([*common, "stage=diffusion", f"paths.run_dir={out / 'run_diffusion'}"])

@@ -203,7 +203,43 @@ def test_in_memory_latents_count_and_refuse_unreadable_images(tmp_path):
     assert len(cached) == len(train)
 
 
-def test_in_memory_latents_refuse_streams_buckets_and_caches(tmp_path):
+def test_in_memory_latents_keep_each_bucket_size(tmp_path):
+    """A bucketed folder: each latent is the encoder's of that item alone, at its bucket's size / f; the buckets and
+    each item's bucket are kept, so training batches come from one bucket, as on the images."""
+    from PIL import Image
+
+    from ldm_train.data.buckets import batches_per_rank, dataset_buckets
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(16, 32), (16, 16), (32, 16)] * 4 + [(16, 16)]):
+        Image.new("RGB", (w, h), (20 * i, 200 - 10 * i, 90)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"image {i}")
+    cfg = compose_cfg([*smoke_overrides(tmp_path), "stage=diffusion", "data=folder", f"data.root={folder}",
+                       "data.resolution=16", "data.val_fraction=0", "data.min_val_images=0", "data.flip=false",
+                       "data.aspect_buckets=true", "data.buckets=[[16,16],[8,24],[24,8]]"])
+    first_stage = FirstStage.from_artifact(random_artifact(tmp_path, "kl"))
+    train, _ = build_datasets(cfg.data)
+    bucket_of, buckets = dataset_buckets(train)
+    cached = latents_in_memory(cfg, train, first_stage)
+    assert cached.buckets == buckets and cached.bucket_of == bucket_of and len(cached) == len(train) == 12
+    assert sorted(set(bucket_of)) == [0, 1, 2]  # all three sizes used
+    with torch.no_grad():
+        for i in range(len(train)):
+            item = train[i]
+            h, w = buckets[bucket_of[i]]
+            latent = cached[i]["latent"]
+            assert latent.shape[-2:] == (h // 4, w // 4) and cached[i]["caption"] == item["caption"]
+            raw, std = first_stage.raw_latents(item["image"][None])
+            assert torch.allclose(latent, raw[0], atol=1e-5) and torch.allclose(cached[i]["latent_std"], std[0],
+                                                                                  atol=1e-5)
+    loader = make_loader(cached, 2, True, seed=0)
+    shapes = [tuple(b["latent"].shape) for b in loader]
+    assert len(shapes) == batches_per_rank(bucket_of, 2, 1) and all(s[0] == 2 for s in shapes)
+    assert {s[2:] for s in shapes} == {(4, 4), (2, 6), (6, 2)}
+
+
+def test_in_memory_latents_refuse_streams_and_caches(tmp_path):
     first_stage = FirstStage.from_artifact(random_artifact(tmp_path, "kl"))
     with pytest.raises(ConfigError, match="already a latent cache"):
         latents_in_memory(compose_cfg(["data=latents", "data.urls=x.tar"]), [], first_stage)

@@ -68,7 +68,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"no images found in folder '{self.root}'; {expected}")
         self.buckets = list(buckets) if buckets else None
         if self.buckets:
-            square = self.buckets.index((resolution, resolution))
+            square = nearest_bucket(resolution, resolution, self.buckets)  # a listed set may lack the square
             sizes = [image_size(p) for p in self.files]
             self.bucket_of = [square if s is None else nearest_bucket(*s, self.buckets) for s in sizes]
 

@@ -130,12 +130,16 @@ class InMemoryLatents(torch.utils.data.Dataset):
 
     Stage 2 then neither decodes nor encodes an image per step; `FirstStage.from_cache` draws the posterior sample
     (KL) and applies the scale factor, as for the on-disk cache. What the source draws at random per access (a
-    random crop, a flip) is drawn once and frozen.
+    random crop, a flip) is drawn once and frozen. A bucketed source (`data.aspect_buckets`) is encoded a bucket at
+    a time; each latent keeps its bucket's size (the latent columns are then lists of tensors), and `buckets` /
+    `bucket_of` are the source's, so training batches by bucket as it would on the images.
     """
 
-    def __init__(self, columns: dict[str, torch.Tensor | list]):
+    def __init__(self, columns: dict[str, torch.Tensor | list], buckets: list | None = None,
+                 bucket_of: list[int] | None = None):
         self.columns = columns
         self.size = len(columns["latent"])
+        self.buckets, self.bucket_of = buckets, bucket_of
 
     def __len__(self) -> int:
         return self.size
@@ -145,7 +149,9 @@ class InMemoryLatents(torch.utils.data.Dataset):
 
     @property
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.columns.values() if isinstance(c, torch.Tensor))
+        tensors = [t for c in self.columns.values() for t in (c if isinstance(c, list) else [c])
+                   if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @classmethod
     @torch.no_grad()
@@ -154,27 +160,40 @@ class InMemoryLatents(torch.utils.data.Dataset):
         """Encode every item of `dataset` in order on `device` (the latents are kept on the CPU); returns the dataset
         and the summed count vector (samples, and bad inputs by reason, as training counts them:
         `data.images.summarize`)."""
+        from torch.utils.data import DataLoader
+
         from ldm_train.data import make_loader
+        from ldm_train.data.buckets import dataset_buckets
         from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, NAMES_KEY
 
+        bucketed = dataset_buckets(dataset)
+        if bucketed:  # batches of one bucket each, in item order within it; items are put back in order below
+            bucket_of, buckets = bucketed
+            members = [[i for i, b in enumerate(bucket_of) if b == k] for k in range(len(buckets))]
+            order = [i for m in members for i in m]
+            loader = DataLoader(dataset, batch_sampler=[m[j:j + batch_size] for m in members
+                                                        for j in range(0, len(m), batch_size)])
+        else:
+            order, loader = list(range(len(dataset))), make_loader(dataset, batch_size, shuffle=False)
         columns: dict[str, list] = {}
         totals = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
-        done = 0
-        for batch in make_loader(dataset, batch_size, shuffle=False):
+        for batch in loader:
             if COUNTS_KEY in batch:
                 totals += batch[COUNTS_KEY].sum(0)
             latent, std = first_stage.raw_latents(batch["image"].to(device))
-            columns.setdefault("latent", []).append(latent.cpu())
+            columns.setdefault("latent", []).extend(latent.cpu())
             if std is not None:
-                columns.setdefault("latent_std", []).append(std.cpu())
+                columns.setdefault("latent_std", []).extend(std.cpu())
             for key, value in batch.items():
                 if key not in ("image", COUNTS_KEY, NAMES_KEY):
-                    columns.setdefault(key, []).append(value)
-            done += len(latent)
+                    columns.setdefault(key, []).extend(value)
         if not columns:
             raise ValueError("diffusion.latents_in_memory: the training set is empty")
-        merged = {k: torch.cat(v) if isinstance(v[0], torch.Tensor) else [x for part in v for x in part]
-                  for k, v in columns.items()}
+        position = {item: k for k, item in enumerate(order)}  # encoded k-th → item order
+        merged = {key: [values[position[i]] for i in range(len(order))] for key, values in columns.items()}
+        for key, values in merged.items():  # one size (no buckets, or per-item vectors): one tensor per column
+            if isinstance(values[0], torch.Tensor) and len({v.shape for v in values}) == 1:
+                merged[key] = torch.stack(values)
         if not totals.any():  # a source without bad-input accounting (shapes): every item is a sample
-            totals[COUNT_KEYS.index("samples")] = done
-        return cls(merged), totals
+            totals[COUNT_KEYS.index("samples")] = len(order)
+        return cls(merged, *((buckets, bucket_of) if bucketed else ())), totals

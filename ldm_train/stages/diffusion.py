@@ -81,12 +81,11 @@ def latents_in_memory(cfg: DictConfig, train_ds, first_stage: FirstStage, device
     if cfg.data.name == "latents":
         raise ConfigError("diffusion.latents_in_memory=true with data=latents: that data is already a latent cache; "
                           "leave latents_in_memory false")
-    if isinstance(train_ds, torch.utils.data.IterableDataset) or bucketed(train_ds):
-        raise ConfigError(f"diffusion.latents_in_memory=true needs an indexable training set of one image size "
-                          f"(data=shapes, or data=folder without aspect buckets), not data={cfg.data.name}"
-                          f"{' with aspect buckets' if bucketed(train_ds) else ''}: set "
-                          "diffusion.latents_in_memory=false (experiment=quickstart turns it on), or write the cache "
-                          "once with stage=cache_latents and train with data=latents")
+    if isinstance(train_ds, torch.utils.data.IterableDataset):
+        raise ConfigError(f"diffusion.latents_in_memory=true needs an indexable training set (data=shapes or "
+                          f"data=folder), not data={cfg.data.name}: set diffusion.latents_in_memory=false "
+                          "(experiment=quickstart turns it on), or write the cache once with stage=cache_latents and "
+                          "train with data=latents")
     start = time.time()
     # left on `device`: that is where Lightning moves the whole module at fit
     cached, totals = InMemoryLatents.encode(train_ds, first_stage.to(device), cfg.diffusion.batch_size, device)
