@@ -136,9 +136,10 @@ def idle_discriminator_warning(ae: DictConfig) -> str | None:
 
 
 def _validate_buckets(cfg: DictConfig) -> None:
-    if not cfg.data.get("aspect_buckets") or cfg.stage == "inspect":
+    inspect = cfg.stage == "inspect"  # reports the bucket set whether buckets are on or not, a square-only one too
+    if not (cfg.data.get("aspect_buckets") or inspect and cfg.data.get("buckets")):
         return
-    if cfg.data.name not in ("folder", "webdataset"):
+    if not inspect and cfg.data.name not in ("folder", "webdataset"):
         # a latent cache is batched by bucket when it was written with buckets (its cache.json says so)
         raise ConfigError(f"data.aspect_buckets=true applies to images (data=folder or webdataset), not "
                           f"data={cfg.data.name}; set data.aspect_buckets=false"
@@ -149,11 +150,11 @@ def _validate_buckets(cfg: DictConfig) -> None:
 
     multiple = size_multiple(cfg)
     try:
-        buckets = config_buckets(cfg.data, multiple)
+        buckets = config_buckets(cfg.data, multiple, force=inspect)
     except ValueError as e:
         raise ConfigError(f"{e}: stage={cfg.stage} needs every image side divisible by {multiple} (f times what the "
                           "denoiser needs of the latent); change those sizes") from None
-    if len(buckets) == 1:
+    if len(buckets) == 1 and not inspect:
         r, d = int(cfg.data.resolution), cfg.data
         listing = ",".join(f"[{h},{w}]" for h, w in suggested_buckets(r, multiple, d.bucket_aspect_range))
         raise ConfigError(f"data.aspect_buckets=true, but at data.resolution={r} with sides multiples of {multiple} "

@@ -137,6 +137,8 @@ def test_bucket_configs(tmp_path):
     with pytest.raises(ConfigError, match="12x24 .* not multiples of 8"):
         validate(compose_cfg([*stream, "data.buckets=[[16,16],[12,24]]"]))
     validate(compose_cfg([*stream, "stage=autoencoder", "data.buckets=[[16,16],[12,24]]"]))  # stage 1: f=4
+    with pytest.raises(ConfigError, match="12x24 .* not multiples of 8"):  # the report shows stage 2's set
+        validate(compose_cfg([*stream, "stage=inspect", "data.aspect_buckets=false", "data.buckets=[[16,16],[12,24]]"]))
     validate(compose_cfg(["experiment=smoke", "stage=cache_latents", "data=folder",
                           f"data.root={mixed_folder(tmp_path / 'imgs', 3)}", "data.min_val_images=1",
                           "data.aspect_buckets=true", "data.resolution=32"]))
