@@ -230,6 +230,7 @@ def test_in_memory_latents_keep_each_bucket_size(tmp_path):
             h, w = buckets[bucket_of[i]]
             latent = cached[i]["latent"]
             assert latent.shape[-2:] == (h // 4, w // 4) and cached[i]["caption"] == item["caption"]
+            assert torch.equal(cached[i]["size_cond"], item["size_cond"])  # what size conditioning reads
             raw, std = first_stage.raw_latents(item["image"][None])
             assert torch.allclose(latent, raw[0], atol=1e-5) and torch.allclose(cached[i]["latent_std"], std[0],
                                                                                   atol=1e-5)
