@@ -67,6 +67,20 @@ HEAVY_FIRST = ("test_multirun.py", "test_ddp_runs.py", "test_pipeline.py", "test
                "test_buckets_ddp.py", "test_interop.py", "test_first_hour.py", "test_ddp.py")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, one torch thread per core per worker (and for the subprocesses a worker starts): with two
+    workers on two cores, two threads each oversubscribe the cores and OpenMP's spin-waits stall whole tests."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -93,7 +93,12 @@ def test_calibration_on_posterior_samples_is_seeded_and_independent_of_batching(
     a = calibrate(model, x.split(5), 12, sample=True, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is neither read nor reseeded
     b = calibrate(model, x.split(12), 12, sample=True, seed=3)
-    assert a == b  # image i's noise depends on (seed, i) only
+    # image i's noise depends on (seed, i) only: equal up to the encoder's float rounding, which oneDNN may pick by
+    # batch size (other noise per image would move the scale factor by ~1e-2)
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        number = isinstance(value, float) or isinstance(value, list) and all(isinstance(v, float) for v in value)
+        assert value == (pytest.approx(b[key], rel=1e-6) if number else b[key]), key
     assert a["sample"] is True and a["latent"] == "posterior sample" and a["seed"] == 3
     # independently: z_i = μ_i + σ_i·ε_i with ε_i from a generator seeded by (seed, i), over all elements
     with torch.no_grad():
