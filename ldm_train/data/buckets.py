@@ -17,6 +17,11 @@ from collections.abc import Iterable, Iterator, Sequence
 Bucket = tuple[int, int]  # (height, width)
 
 
+def by_aspect(buckets: Iterable[Bucket]) -> list[Bucket]:
+    """Buckets sorted by aspect w/h (then height): the order of every bucket set."""
+    return sorted(buckets, key=lambda b: (b[1] / b[0], b[0]))
+
+
 def make_buckets(resolution: int, multiple: int, aspect_range: Sequence[float] = (0.5, 2.0)) -> list[Bucket]:
     """(h, w) sizes, sorted by aspect w/h: for every width w = k·multiple ≥ resolution, h = the multiple nearest
     resolution²/w, and its transpose (w, h); each kept when its aspect w/h lies in aspect_range. Always holds
@@ -32,13 +37,13 @@ def make_buckets(resolution: int, multiple: int, aspect_range: Sequence[float] =
     for w in range(resolution, int(resolution * math.sqrt(max(hi, 1 / lo))) + 2 * multiple, multiple):
         h = max(multiple, round(area / w / multiple) * multiple)
         sizes.update(s for s in ((h, w), (w, h)) if lo - 1e-9 <= s[1] / s[0] <= hi + 1e-9)
-    return sorted(sizes, key=lambda b: (b[1] / b[0], b[0]))
+    return by_aspect(sizes)
 
 
 def listed_buckets(sizes: Iterable[Sequence[int]], multiple: int) -> list[Bucket]:
     """The user's own bucket set (`data.buckets: [[h, w], ...]`), sorted by aspect w/h like `make_buckets`'; every
     side must be a positive multiple of `multiple`."""
-    buckets = sorted({(int(h), int(w)) for h, w in sizes}, key=lambda b: (b[1] / b[0], b[0]))
+    buckets = by_aspect({(int(h), int(w)) for h, w in sizes})
     bad = [f"{h}x{w}" for h, w in buckets if h <= 0 or w <= 0 or h % multiple or w % multiple]
     if bad:
         raise ValueError(f"data.buckets: {', '.join(bad)} (h×w) have sides that are not multiples of {multiple}")

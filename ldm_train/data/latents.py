@@ -162,38 +162,32 @@ class InMemoryLatents(torch.utils.data.Dataset):
         `data.images.summarize`)."""
         from torch.utils.data import DataLoader
 
-        from ldm_train.data import make_loader
         from ldm_train.data.buckets import dataset_buckets
         from ldm_train.data.images import COUNT_KEYS, COUNTS_KEY, NAMES_KEY
 
-        bucketed = dataset_buckets(dataset)
-        if bucketed:  # batches of one bucket each, in item order within it; items are put back in order below
-            bucket_of, buckets = bucketed
-            members = [[i for i, b in enumerate(bucket_of) if b == k] for k in range(len(buckets))]
-            order = [i for m in members for i in m]
-            loader = DataLoader(dataset, batch_sampler=[m[j:j + batch_size] for m in members
-                                                        for j in range(0, len(m), batch_size)])
-        else:
-            order, loader = list(range(len(dataset))), make_loader(dataset, batch_size, shuffle=False)
+        n, bucketed = len(dataset), dataset_buckets(dataset)
+        # batches of item indices: in order, or a bucket at a time (one size per batch); results go back by index
+        groups = ([[i for i, b in enumerate(bucketed[0]) if b == k] for k in range(len(bucketed[1]))] if bucketed
+                  else [list(range(n))])
+        batches = [g[j:j + batch_size] for g in groups for j in range(0, len(g), batch_size)]
         columns: dict[str, list] = {}
         totals = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
-        for batch in loader:
+        for indices, batch in zip(batches, DataLoader(dataset, batch_sampler=batches)):
             if COUNTS_KEY in batch:
                 totals += batch[COUNTS_KEY].sum(0)
             latent, std = first_stage.raw_latents(batch["image"].to(device))
-            columns.setdefault("latent", []).extend(latent.cpu())
-            if std is not None:
-                columns.setdefault("latent_std", []).extend(std.cpu())
-            for key, value in batch.items():
-                if key not in ("image", COUNTS_KEY, NAMES_KEY):
-                    columns.setdefault(key, []).extend(value)
+            fields = {"latent": latent.cpu(), **({"latent_std": std.cpu()} if std is not None else {}),
+                      **{k: v for k, v in batch.items() if k not in ("image", COUNTS_KEY, NAMES_KEY)}}
+            for key, values in fields.items():
+                column = columns.setdefault(key, [None] * n)
+                for i, value in zip(indices, values):
+                    column[i] = value
         if not columns:
             raise ValueError("diffusion.latents_in_memory: the training set is empty")
-        position = {item: k for k, item in enumerate(order)}  # encoded k-th → item order
-        merged = {key: [values[position[i]] for i in range(len(order))] for key, values in columns.items()}
-        for key, values in merged.items():  # one size (no buckets, or per-item vectors): one tensor per column
+        for key, values in columns.items():  # one size (no buckets, or per-item vectors): one tensor per column
             if isinstance(values[0], torch.Tensor) and len({v.shape for v in values}) == 1:
-                merged[key] = torch.stack(values)
+                columns[key] = torch.stack(values)
         if not totals.any():  # a source without bad-input accounting (shapes): every item is a sample
-            totals[COUNT_KEYS.index("samples")] = len(order)
-        return cls(merged, *((buckets, bucket_of) if bucketed else ())), totals
+            totals[COUNT_KEYS.index("samples")] = n
+        bucket_of, buckets = bucketed or (None, None)
+        return cls(columns, buckets, bucket_of), totals
