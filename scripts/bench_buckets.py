@@ -98,8 +98,9 @@ def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: lis
 
 
 @torch.no_grad()
-def score(artifact: Path, n: int, out: Path) -> dict[str, float]:
-    """Caption alignment at guidance 3 per size: samples stretched back to 48² before reading the attributes."""
+def score(artifact: Path, n: int, out: Path, sampling: dict | None = None) -> dict[str, float]:
+    """Caption alignment at guidance 3 per size: samples stretched back to 48² before reading the attributes.
+    `sampling` (sampler, steps, eta) overrides the artifact's own sampling settings."""
     from ldm_train.data.shapes import caption_alignment
     from ldm_train.evaluation.alignment import eval_captions
     from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
@@ -109,7 +110,8 @@ def score(artifact: Path, n: int, out: Path) -> dict[str, float]:
     captions = eval_captions(n)
     result = {}
     for h, w in SIZES:
-        images = torch.cat([pipe.generate(captions[i:i + 64], guidance_scale=3.0, height=h, width=w, seed=i)
+        images = torch.cat([pipe.generate(captions[i:i + 64], guidance_scale=3.0, height=h, width=w, seed=i,
+                                          **(sampling or {}))
                             for i in range(0, n, 64)])
         square = F.interpolate(images, size=(48, 48), mode="bicubic", align_corners=False).clamp(-1, 1)
         result[f"{h}x{w}"] = caption_alignment(square, captions)
@@ -127,23 +129,38 @@ def main() -> None:
                     help="read the images from the folder, or from shards written from it")
     ap.add_argument("--runs", nargs="+", choices=("buckets", "center_crop"), default=["buckets", "center_crop"],
                     help="which of the two trainings to run (e.g. one per process)")
+    ap.add_argument("--score-only", action="store_true",
+                    help="train nothing: score the artifacts an earlier run left under --out (e.g. with --sampling)")
+    ap.add_argument("--sampling", default=None, metavar="SAMPLER:STEPS:ETA",
+                    help="score with these sampler settings instead of the artifact's own (e.g. ddim:20:1)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs (e.g. diffusion.max_steps=50)")
     args = ap.parse_args()
     torch.manual_seed(0)
     np.random.seed(0)
-    make_folder(args.out / "data", args.images)
+    sampling = None
+    if args.sampling:
+        sampler, steps, eta = args.sampling.split(":")
+        sampling = {"sampler": sampler, "steps": int(steps), "eta": float(eta)}
+    earlier = json.loads((args.out / "results.json").read_text()) if args.score_only else {}
+    if not args.score_only:
+        make_folder(args.out / "data", args.images)
     data = data_overrides(args)
     rows = {}
     for name, buckets in (("buckets", True), ("center_crop", False)):
         if name not in args.runs:
             continue
-        artifact, throughput = train(args.out / name, data, args.experiment, buckets, args.overrides)
-        rows[name] = {"alignment": score(artifact, args.eval, args.out / name), "samples_per_s": throughput}
+        if args.score_only:
+            artifact, throughput = args.out / name / "artifacts" / "diffusion" / "kl_f4", earlier[name]["samples_per_s"]
+        else:
+            artifact, throughput = train(args.out / name, data, args.experiment, buckets, args.overrides)
+        rows[name] = {"alignment": score(artifact, args.eval, args.out / name, sampling), "samples_per_s": throughput,
+                      "sampling": sampling or "the artifact's"}
     print(f"{'run':12s} " + " ".join(f"{h}x{w:<8d}" for h, w in SIZES) + " train samples/s")
     for name, row in rows.items():
         print(f"{name:12s} " + " ".join(f"{row['alignment'][f'{h}x{w}']:<11.3f}" for h, w in SIZES)
               + f" {row['samples_per_s']:.1f}")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    name = "results.json" if not args.score_only else f"results_{(args.sampling or 'own').replace(':', '_')}.json"
+    (args.out / name).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

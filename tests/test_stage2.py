@@ -590,3 +590,31 @@ def test_alignment_scores_separates_cfg_from_nocfg():
     assert scores["caption_alignment_cfg"] == 1.0
     assert scores["caption_alignment_nocfg"] == pytest.approx(expected_nocfg)
     assert expected_nocfg < 0.1
+
+
+def test_alignment_diagnostics_score_the_first_captions_only():
+    """`diagnostic_n`: guided scoring on all n captions, no-guidance and null-prompt scoring on the first
+    diagnostic_n of them (batches cut at that count), and the fraction is over that count."""
+    calls = []
+
+    def gen(prompts, scale, seed):
+        calls.append((list(prompts), scale, seed))
+        rng = np.random.default_rng(seed)
+        # right with guidance; without it right only for the first 10 captions of each batch
+        out = []
+        for j, p in enumerate(prompts):
+            attrs = parse_caption(p) if (scale > 1 or (p and j < 10)) else ("green", "triangle", "right")
+            out.append(torch.from_numpy(render(*attrs, 32, rng)).permute(2, 0, 1).float() / 127.5 - 1)
+        return torch.stack(out)
+
+    n, diag = 100, 40
+    scores = alignment_scores(FunctionPipeline(gen, 3.0), n, batch_size=32, diagnostic_n=diag)
+    captions = eval_captions(n)
+    assert [len(c[0]) for c in calls if c[1] > 1] == [32, 32, 32, 4]
+    assert [len(c[0]) for c in calls if c[1] == 1.0] == [32, 8, 32, 8]  # nocfg, then null
+    assert [c[0] for c in calls if c[1] == 1.0][:2] == [captions[:32], captions[32:40]]
+    wrong = ("green", "triangle", "right")
+    expected_nocfg = (10 + 8 + sum(parse_caption(c) == wrong for c in captions[10:32])) / diag
+    assert scores["caption_alignment_nocfg"] == pytest.approx(expected_nocfg)
+    assert scores["caption_alignment_cfg"] == 1.0
+    assert scores["caption_alignment_samples"] == n and scores["caption_alignment_diagnostic_samples"] == diag

@@ -14,25 +14,28 @@ def eval_captions(n: int, seed: int = 1234) -> list[str]:
 
 
 @torch.no_grad()
-def alignment_scores(pipeline, n: int, batch_size: int = 64) -> dict:
-    """caption_alignment_cfg (the pipeline's guidance scale), _nocfg (guidance 1) and _null (empty prompt, chance
-    level), with the pipeline's sampling settings; batch i is sampled with seed `sampling.seed + i`.
+def alignment_scores(pipeline, n: int, batch_size: int = 64, diagnostic_n: int | None = None) -> dict:
+    """caption_alignment_cfg (the pipeline's guidance scale) on `n` samples; _nocfg (guidance 1) and _null (empty
+    prompt, chance level) on the first `diagnostic_n` of the same captions (default: all `n`); all with the
+    pipeline's sampling settings, batch i sampled with seed `sampling.seed + i`.
 
     A sample counts only when colour, shape and position all match its caption.
     """
     guidance_scale, seed = float(pipeline.sampling["guidance_scale"]), int(pipeline.sampling["seed"])
     captions = eval_captions(n)
-    settings = {"caption_alignment_cfg": (None, guidance_scale), "caption_alignment_nocfg": (None, 1.0),
-                "caption_alignment_null": ("", 1.0)}
+    diagnostic_n = n if diagnostic_n is None else min(int(diagnostic_n), n)
+    settings = {"caption_alignment_cfg": (None, guidance_scale, n), "caption_alignment_nocfg": (None, 1.0, diagnostic_n),
+                "caption_alignment_null": ("", 1.0, diagnostic_n)}
     out = {}
-    for key, (prompt_override, scale) in settings.items():
+    for key, (prompt_override, scale, count) in settings.items():
         hits = 0.0
-        for i in range(0, n, batch_size):
-            targets = captions[i:i + batch_size]
+        for i in range(0, count, batch_size):
+            targets = captions[i:min(i + batch_size, count)]
             prompts = [prompt_override if prompt_override is not None else c for c in targets]
             images = pipeline.generate(prompts, guidance_scale=scale, seed=seed + i)
             hits += caption_alignment(images, targets) * len(targets)
-        out[key] = hits / n
+        out[key] = hits / count if count else float("nan")
     out["caption_alignment_guidance_scale"] = guidance_scale
     out["caption_alignment_samples"] = n
+    out["caption_alignment_diagnostic_samples"] = diagnostic_n
     return out

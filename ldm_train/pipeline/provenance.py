@@ -24,7 +24,7 @@ NOT_SHAPING = {
     "data": ("num_workers", "max_skip_fraction", "max_image_pixels", "val_prompts"),
     "autoencoder": ("path", "compile", "val_every", "val_batches"),
     "diffusion": ("compile", "val_every", "val_prompts", "val_num_prompts", "val_n_per_prompt", "eval_samples",
-                  "latent_std_range"),
+                  "eval_diagnostic_samples", "latent_std_range"),
 }
 # How long a stage trains: continuing a run with a larger max_steps is a legitimate resume (ckpt_path only).
 TRAINING_LENGTH = ("max_steps", "max_time", "lr_scheduler")  # the schedule spans max_steps

@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
     if d.eval_samples and cfg.data.name == "shapes":
         from ldm_train.evaluation.alignment import alignment_scores
 
-        metrics.update(alignment_scores(trained, d.eval_samples))
+        metrics.update(alignment_scores(trained, d.eval_samples, diagnostic_n=d.get("eval_diagnostic_samples")))
         log.info("caption alignment: cfg %.3f, no cfg %.3f, null prompt %.3f", metrics["caption_alignment_cfg"],
                  metrics["caption_alignment_nocfg"], metrics["caption_alignment_null"])
     target = diffusion_dir(cfg)
