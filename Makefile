@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → samples, caption alignment, evaluate (~8–14 min)
+demo: setup ## Quickstart on 2 CPU cores: stage 1 → calibrate → stage 2 → samples, caption alignment, evaluate (~7–8 min on an older 2-core CPU)
 	$(PY) -m ldm_train stage=pipeline experiment=quickstart $(DEMO_ARGS)
 
 test: setup ## Run the test suite (CPU, tiny models; one pytest-xdist worker per core, a test file per worker)

@@ -17,6 +17,8 @@ took 30 min on 2 idle cores (figures: docs/data.md).
 `--data webdataset` reads the same images from shards written from the folder (buckets per stream: per-bucket
 buffers, a fixed number of batches per reader, leftovers counted; docs/data.md), validation from shards of a
 second, smaller folder.
+`--score-only` trains nothing and scores the artifacts an earlier run left under --out again, e.g. with other
+sampler settings (`--sampling ddim:20:1`); it writes results_<sampling>.json beside the first results.json.
 Smallest check that it runs (a few minutes): `--experiment smoke --images 60 --eval 8 autoencoder.max_steps=2
 diffusion.max_steps=2 diffusion.val_every=2 autoencoder.val_every=2`.
 """
