@@ -9,7 +9,8 @@
    center crop (which cuts the wide and tall images' left/
    right or top/bottom objects off).
 3. For each of the three sizes, samples the eval captions at that size with guidance 3, stretches the samples back
-   to a square and scores caption alignment (colour, shape and position all right). Also prints the stage-2
+   to a square and scores caption alignment (colour, shape and position all right); does the same for the
+   autoencoder's reconstructions of held-out images at that size (the ceiling of stage 2). Also prints the stage-2
    training throughput (samples/s over the fit loop's wall clock) and writes a sample grid per size.
 
 It trains four models: at `experiment=quickstart` with 20 000 images (as many as the quickstart trains on) that
@@ -17,6 +18,8 @@ took 30 min on 2 idle cores (figures: docs/data.md).
 `--data webdataset` reads the same images from shards written from the folder (buckets per stream: per-bucket
 buffers, a fixed number of batches per reader, leftovers counted; docs/data.md), validation from shards of a
 second, smaller folder.
+`--stage1 crops` trains the bucketed run's autoencoder on square center crops (it is convolutional: it encodes
+any bucket size afterwards) and buckets stage 2 only.
 `--score-only` trains nothing and scores the artifacts an earlier run left under --out again, e.g. with other
 sampler settings (`--sampling ddim:20:1`); it writes results_<sampling>.json beside the first results.json.
 Smallest check that it runs (a few minutes): `--experiment smoke --images 60 --eval 8 autoencoder.max_steps=2
@@ -83,10 +86,15 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
             "data.num_workers=0"]
 
 
-def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: list[str]) -> tuple[Path, float]:
-    """Both stages; returns (diffusion artifact, stage-2 training samples per second)."""
-    common = [f"experiment={experiment}", *data, "data.resolution=32",
-              "data.flip=false", f"data.aspect_buckets={buckets}", "diffusion.eval_samples=0", "logger=none",
+def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: list[str],
+          stage1_buckets: bool | None = None) -> tuple[Path, float]:
+    """Both stages; returns (diffusion artifact, stage-2 training samples per second). `stage1_buckets` (default:
+    `buckets`) false trains the autoencoder on square center crops (`data.autoencoder_buckets=false`) even when
+    stage 2 buckets: it is convolutional and encodes any bucket size afterwards."""
+    stage1_buckets = buckets if stage1_buckets is None else stage1_buckets
+    common = [f"experiment={experiment}", *data, "data.resolution=32", f"data.aspect_buckets={buckets}",
+              f"data.autoencoder_buckets={stage1_buckets}", "data.flip=false", "diffusion.eval_samples=0",
+              "logger=none",
               # the three sizes as the buckets: at 32 px with sides multiples of 16 (f=4 × the U-Net's 4) the
               # generated set would be 32×32 alone
               "data.buckets=[" + ",".join(f"[{h},{w}]" for h, w in SIZES) + "]",
@@ -99,25 +107,47 @@ def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: lis
             metrics["steps"] * cfg.diffusion.batch_size / metrics["train_seconds"])
 
 
+def stretched(n: int, size: tuple[int, int], split: str = "test", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """n shapes images rendered square at 48 px and stretched to `size` (h, w) as make_folder does, in [-1, 1]."""
+    from ldm_train.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(resolution=48, size=n, split=split, seed=seed)
+    images, captions = [], []
+    for i in range(n):
+        item = ds[i]
+        arr = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        img = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+        images.append(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
+        captions.append(item["caption"])
+    return torch.stack(images), captions
+
+
 @torch.no_grad()
-def score(artifact: Path, n: int, out: Path, sampling: dict | None = None) -> dict[str, float]:
-    """Caption alignment at guidance 3 per size: samples stretched back to 48² before reading the attributes.
+def score(artifact: Path, n: int, out: Path, sampling: dict | None = None) -> dict[str, dict[str, float]]:
+    """Per size: caption alignment at guidance 3 of generated samples, and of the autoencoder's reconstructions of
+    n held-out images (stage 2's ceiling); both stretched back to 48² before reading the attributes.
     `sampling` (sampler, steps, eta) overrides the artifact's own sampling settings."""
     from ldm_train.data.shapes import caption_alignment
     from ldm_train.evaluation.alignment import eval_captions
     from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
     from ldm_train.utils.images import save_grid
 
+    def square(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False).clamp(-1, 1)
+
     pipe = LatentDiffusionPipeline.from_artifact(artifact)
     captions = eval_captions(n)
-    result = {}
+    result: dict[str, dict[str, float]] = {"alignment": {}, "recon_alignment": {}}
     for h, w in SIZES:
         images = torch.cat([pipe.generate(captions[i:i + 64], guidance_scale=3.0, height=h, width=w, seed=i,
                                           **(sampling or {}))
                             for i in range(0, n, 64)])
-        square = F.interpolate(images, size=(48, 48), mode="bicubic", align_corners=False).clamp(-1, 1)
-        result[f"{h}x{w}"] = caption_alignment(square, captions)
+        result["alignment"][f"{h}x{w}"] = caption_alignment(square(images), captions)
         save_grid(images[:16], out / f"samples_{h}x{w}.png", nrow=4)
+        real, real_captions = stretched(n, (h, w))
+        fs = pipe.first_stage
+        recon = torch.cat([fs.decode(fs.encode(real[i:i + 64], sample=False)) for i in range(0, n, 64)])
+        result["recon_alignment"][f"{h}x{w}"] = caption_alignment(square(recon), real_captions)
     return result
 
 
@@ -131,6 +161,8 @@ def main() -> None:
                     help="read the images from the folder, or from shards written from it")
     ap.add_argument("--runs", nargs="+", choices=("buckets", "center_crop"), default=["buckets", "center_crop"],
                     help="which of the two trainings to run (e.g. one per process)")
+    ap.add_argument("--stage1", choices=("buckets", "crops"), default="buckets",
+                    help="the bucketed run's autoencoder: trained on the buckets, or on square center crops")
     ap.add_argument("--score-only", action="store_true",
                     help="train nothing: score the artifacts an earlier run left under --out (e.g. with --sampling)")
     ap.add_argument("--sampling", default=None, metavar="SAMPLER:STEPS:ETA",
@@ -154,13 +186,15 @@ def main() -> None:
         if args.score_only:
             artifact, throughput = args.out / name / "artifacts" / "diffusion" / "kl_f4", earlier[name]["samples_per_s"]
         else:
-            artifact, throughput = train(args.out / name, data, args.experiment, buckets, args.overrides)
-        rows[name] = {"alignment": score(artifact, args.eval, args.out / name, sampling), "samples_per_s": throughput,
+            artifact, throughput = train(args.out / name, data, args.experiment, buckets, args.overrides,
+                                         stage1_buckets=buckets and args.stage1 == "buckets")
+        rows[name] = {**score(artifact, args.eval, args.out / name, sampling), "samples_per_s": throughput,
                       "sampling": sampling or "the artifact's"}
-    print(f"{'run':12s} " + " ".join(f"{h}x{w:<8d}" for h, w in SIZES) + " train samples/s")
+    print(f"{'run':12s} " + " ".join(f"{h}x{w:<8d}" for h, w in SIZES) + " train samples/s   recon ceiling")
     for name, row in rows.items():
         print(f"{name:12s} " + " ".join(f"{row['alignment'][f'{h}x{w}']:<11.3f}" for h, w in SIZES)
-              + f" {row['samples_per_s']:.1f}")
+              + f" {row['samples_per_s']:<17.1f} "
+              + " / ".join(f"{row['recon_alignment'][f'{h}x{w}']:.3f}" for h, w in SIZES))
     name = "results.json" if not args.score_only else f"results_{(args.sampling or 'own').replace(':', '_')}.json"
     (args.out / name).write_text(json.dumps(rows, indent=2))
 

@@ -183,3 +183,33 @@ def test_listed_buckets_replace_the_generated_set(tmp_path):
     assert {tuple(train[i]["image"].shape[1:]) for i in range(len(train))} == {(48, 32), (32, 32), (32, 48)}
     with pytest.raises(ValueError, match="24x40 .* not multiples of 16"):
         config_buckets(OmegaConf.merge(cfg, {"buckets": [[32, 32], [24, 40]]}))
+
+
+def test_autoencoder_can_train_on_square_crops_while_stage2_buckets(tmp_path, compose_cfg, monkeypatch):
+    """`data.autoencoder_buckets=false`: stage 1 builds square crops, stage 2 (the data section as given) buckets."""
+    import ldm_train.stages.autoencoder as stage1
+    from ldm_train.data import autoencoder_data
+
+    ds = _bucketed(tmp_path)
+    cfg = compose_cfg(["experiment=smoke", "stage=autoencoder", "data=folder", f"data.root={ds.root}",
+                       "data.resolution=32", "data.val_fraction=0.2", "data.min_val_images=1",
+                       "data.aspect_buckets=true", "data.autoencoder_buckets=false", "+data.bucket_multiple=8"])
+    train, _ = build_datasets(cfg.data)
+    assert len(set(dataset_buckets(train)[0])) == 3  # stage 2 sees the images in three buckets
+    square, _ = build_datasets(autoencoder_data(cfg.data))
+    assert dataset_buckets(square) is None and {tuple(x["image"].shape[1:]) for x in square} == {(32, 32)}
+    cfg.data.autoencoder_buckets = True
+    assert autoencoder_data(cfg.data) is cfg.data
+
+    seen = []
+
+    def stop(data_cfg, *args, **kwargs):  # the stage's data section, then stop before any training
+        seen.append(data_cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage1, "build_datasets", stop)
+    for flag in (False, True):
+        cfg.data.autoencoder_buckets = flag
+        with pytest.raises(KeyboardInterrupt):
+            stage1.run(cfg)
+    assert [bool(d.aspect_buckets) for d in seen] == [False, True]

@@ -58,6 +58,16 @@ def folder_val_size(n_images: int, val_fraction: float) -> int:
     return max(1, int(n_images * val_fraction)) if n_images > 1 else 0
 
 
+def autoencoder_data(cfg):
+    """The `data` section stage 1 trains on: with `data.autoencoder_buckets: false` aspect buckets are off for it
+    (square crops at data.resolution; the convolutional autoencoder encodes any bucket size afterwards)."""
+    if cfg.get("aspect_buckets") and cfg.get("autoencoder_buckets") is False:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.merge(cfg, {"aspect_buckets": False})
+    return cfg
+
+
 def config_buckets(cfg, multiple: int | None = None, force: bool = False) -> list | None:
     """The bucket sizes of `data.aspect_buckets` (None when off, unless `force`): `data.buckets` when listed, else
     generated from the resolution, the side multiple (`data.bucket_multiple`, set at start-up) and the aspect range."""

@@ -24,7 +24,8 @@ def alignment_scores(pipeline, n: int, batch_size: int = 64, diagnostic_n: int |
     guidance_scale, seed = float(pipeline.sampling["guidance_scale"]), int(pipeline.sampling["seed"])
     captions = eval_captions(n)
     diagnostic_n = n if diagnostic_n is None else min(int(diagnostic_n), n)
-    settings = {"caption_alignment_cfg": (None, guidance_scale, n), "caption_alignment_nocfg": (None, 1.0, diagnostic_n),
+    settings = {"caption_alignment_cfg": (None, guidance_scale, n),
+                "caption_alignment_nocfg": (None, 1.0, diagnostic_n),
                 "caption_alignment_null": ("", 1.0, diagnostic_n)}
     out = {}
     for key, (prompt_override, scale, count) in settings.items():

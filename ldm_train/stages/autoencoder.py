@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import artifacts_root, autoencoder_artifact, check_against_artifact, resolved_arch, run_dir
-from ldm_train.data import build_datasets
+from ldm_train.data import autoencoder_data, build_datasets
 from ldm_train.data.distributed import trainer_loaders
 from ldm_train.data.health import DataHealth
 from ldm_train.lit.autoencoder import AutoencoderModule
@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
     ae = cfg.autoencoder
     init = init_source(cfg)
     arch = init[1] if init else resolved_arch(cfg)
-    train_ds, val_ds = build_datasets(cfg.data)
+    train_ds, val_ds = build_datasets(autoencoder_data(cfg.data))
     val_every = min(ae.val_every, ae.max_steps)
     # DDP must look for unused parameters: the generator and the discriminator backward passes each use only
     # their own part of the module; SyncBatchNorm only where the discriminator has BatchNorm to convert
