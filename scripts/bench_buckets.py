@@ -51,18 +51,25 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def make_folder(root: Path, n: int, seed: int = 0) -> None:
-    """n shapes images, stretched in turn to each of SIZES, with .txt captions."""
+def stretched_items(n: int, sizes=SIZES, split: str = "train", seed: int = 0):
+    """(caption, PIL image) of n shapes images rendered square at 48 px, image i stretched to sizes[i % len(sizes)]
+    (h, w)."""
     from ldm_train.data.shapes import ShapesDataset
 
-    root.mkdir(parents=True, exist_ok=True)
-    ds = ShapesDataset(resolution=48, size=n, split="train", seed=seed)
+    ds = ShapesDataset(resolution=48, size=n, split=split, seed=seed)
     for i in range(n):
         item = ds[i]
-        h, w = SIZES[i % len(SIZES)]
+        h, w = sizes[i % len(sizes)]
         arr = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC).save(root / f"{i:05d}.png")
-        (root / f"{i:05d}.txt").write_text(item["caption"])
+        yield item["caption"], Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def make_folder(root: Path, n: int, seed: int = 0) -> None:
+    """n shapes images, stretched in turn to each of SIZES, with .txt captions."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (caption, image) in enumerate(stretched_items(n, seed=seed)):
+        image.save(root / f"{i:05d}.png")
+        (root / f"{i:05d}.txt").write_text(caption)
 
 
 def make_shards(folder: Path, out: Path, shards: int) -> str:
@@ -107,21 +114,6 @@ def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: lis
             metrics["steps"] * cfg.diffusion.batch_size / metrics["train_seconds"])
 
 
-def stretched(n: int, size: tuple[int, int], split: str = "test", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """n shapes images rendered square at 48 px and stretched to `size` (h, w) as make_folder does, in [-1, 1]."""
-    from ldm_train.data.shapes import ShapesDataset
-
-    ds = ShapesDataset(resolution=48, size=n, split=split, seed=seed)
-    images, captions = [], []
-    for i in range(n):
-        item = ds[i]
-        arr = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        img = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-        images.append(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
-        captions.append(item["caption"])
-    return torch.stack(images), captions
-
-
 @torch.no_grad()
 def score(artifact: Path, n: int, out: Path, sampling: dict | None = None) -> dict[str, dict[str, float]]:
     """Per size: caption alignment at guidance 3 of generated samples, and of the autoencoder's reconstructions of
@@ -144,7 +136,10 @@ def score(artifact: Path, n: int, out: Path, sampling: dict | None = None) -> di
                             for i in range(0, n, 64)])
         result["alignment"][f"{h}x{w}"] = caption_alignment(square(images), captions)
         save_grid(images[:16], out / f"samples_{h}x{w}.png", nrow=4)
-        real, real_captions = stretched(n, (h, w))
+        held_out = list(stretched_items(n, [(h, w)], split="test"))  # the same n images at each size
+        real_captions = [c for c, _ in held_out]
+        real = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
+                            for _, im in held_out])
         fs = pipe.first_stage
         recon = torch.cat([fs.decode(fs.encode(real[i:i + 64], sample=False)) for i in range(0, n, 64)])
         result["recon_alignment"][f"{h}x{w}"] = caption_alignment(square(recon), real_captions)

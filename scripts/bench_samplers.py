@@ -4,8 +4,9 @@
         [--samples 256] [--guidance 3]
 
 Each variant is `sampler:steps:eta` (eta matters for ddim only). Every variant samples the same held-out captions
-(`ldm_train.evaluation.alignment.eval_captions`, as stage 2's scoring does) with the same seeds, so a column
-compares samplers on one model; prints one row per artifact and variant with the alignment and the seconds.
+with the same seeds through stage 2's own scoring (`ldm_train.evaluation.alignment.sampled_alignment`; batches of
+--batch-size, batch i with the artifact's sampling seed + i), so a column compares samplers on one model; prints
+one row per artifact and variant with the alignment and the seconds.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from ldm_train.data.shapes import caption_alignment
-from ldm_train.evaluation.alignment import eval_captions
+from ldm_train.evaluation.alignment import eval_captions, sampled_alignment
 from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 
 
@@ -41,15 +39,11 @@ def main() -> None:
     for path in args.artifacts:
         pipe = LatentDiffusionPipeline.from_artifact(path)
         for sampler, steps, eta in variants:
-            start, hits = time.perf_counter(), 0.0
-            for i in range(0, args.samples, args.batch_size):
-                targets = captions[i:i + args.batch_size]
-                with torch.no_grad():
-                    images = pipe.generate(targets, sampler=sampler, steps=steps, eta=eta,
-                                           guidance_scale=args.guidance, seed=i)
-                hits += caption_alignment(images, targets) * len(targets)
-            print(f"| {path} | {sampler} | {steps} | {eta:g} | {hits / args.samples:.3f} | "
-                  f"{time.perf_counter() - start:.1f} |", flush=True)
+            start = time.perf_counter()
+            score = sampled_alignment(pipe, captions, args.guidance, batch_size=args.batch_size, sampler=sampler,
+                                      steps=steps, eta=eta)
+            print(f"| {path} | {sampler} | {steps} | {eta:g} | {score:.3f} | {time.perf_counter() - start:.1f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
