@@ -19,10 +19,13 @@ took 30 min on 2 idle cores (figures: docs/data.md).
 buffers, a fixed number of batches per reader, leftovers counted; docs/data.md), validation from shards of a
 second, smaller folder.
 `--stage1 crops` trains the bucketed run's autoencoder on square center crops (it is convolutional: it encodes
-any bucket size afterwards) and buckets stage 2 only.
+any bucket size afterwards) and buckets stage 2 only. `--stage1-seeds 0 1 2` trains that autoencoder alone, once
+per seed, and prints its reconstructions' alignment per size and the colours it merges (stage 1 at this budget
+varies with the seed; docs/training.md). Hydra overrides go before it: `bench_buckets.py 'autoencoder.lr=2e-3' --out
+DIR --stage1 crops --stage1-seeds 0 1 2`.
 `--score-only` trains nothing and scores the artifacts an earlier run left under --out again, e.g. with other
 sampler settings (`--sampling ddim:20:1`); it writes results_<sampling>.json beside the first results.json.
-Smallest check that it runs (a few minutes): `--experiment smoke --images 60 --eval 8 autoencoder.max_steps=2
+Smallest check that it runs (a few minutes): `--experiment smoke --images 400 --eval 8 autoencoder.max_steps=2
 diffusion.max_steps=2 diffusion.val_every=2 autoencoder.val_every=2`.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -93,25 +97,61 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
             "data.num_workers=0"]
 
 
+def common_overrides(out: Path, data: list[str], experiment: str, buckets: bool, stage1_buckets: bool,
+                     extra: list[str]) -> list[str]:
+    """Both stages' overrides of one run: buckets (the three sizes) or the square center crop; `stage1_buckets`
+    false trains the autoencoder on square center crops (`data.autoencoder_buckets=false`) even when stage 2
+    buckets: it is convolutional and encodes any bucket size afterwards."""
+    return [f"experiment={experiment}", *data, "data.resolution=32", f"data.aspect_buckets={buckets}",
+            f"data.autoencoder_buckets={stage1_buckets}", "data.flip=false", "diffusion.eval_samples=0", "logger=none",
+            # the three sizes as the buckets: at 32 px with sides multiples of 16 (f=4 × the U-Net's 4) the
+            # generated set would be 32×32 alone
+            "data.buckets=[" + ",".join(f"[{h},{w}]" for h, w in SIZES) + "]",
+            "diffusion.latents_in_memory=true",  # as the quickstart: the training set encoded once, at its buckets
+            f"paths.artifacts={out / 'artifacts'}", *extra]
+
+
 def train(out: Path, data: list[str], experiment: str, buckets: bool, extra: list[str],
           stage1_buckets: bool | None = None) -> tuple[Path, float]:
-    """Both stages; returns (diffusion artifact, stage-2 training samples per second). `stage1_buckets` (default:
-    `buckets`) false trains the autoencoder on square center crops (`data.autoencoder_buckets=false`) even when
-    stage 2 buckets: it is convolutional and encodes any bucket size afterwards."""
-    stage1_buckets = buckets if stage1_buckets is None else stage1_buckets
-    common = [f"experiment={experiment}", *data, "data.resolution=32", f"data.aspect_buckets={buckets}",
-              f"data.autoencoder_buckets={stage1_buckets}", "data.flip=false", "diffusion.eval_samples=0",
-              "logger=none",
-              # the three sizes as the buckets: at 32 px with sides multiples of 16 (f=4 × the U-Net's 4) the
-              # generated set would be 32×32 alone
-              "data.buckets=[" + ",".join(f"[{h},{w}]" for h, w in SIZES) + "]",
-              "diffusion.latents_in_memory=true",  # as the quickstart: the training set encoded once, at its buckets
-              f"paths.artifacts={out / 'artifacts'}", *extra]
+    """Both stages; returns (diffusion artifact, stage-2 training samples per second). `stage1_buckets` defaults
+    to `buckets`."""
+    common = common_overrides(out, data, experiment, buckets, buckets if stage1_buckets is None else stage1_buckets,
+                              extra)
     run(compose([*common, "stage=autoencoder", f"paths.run_dir={out / 'run_ae'}"]))
     cfg = compose([*common, "stage=diffusion", f"paths.run_dir={out / 'run_diffusion'}"])
     metrics = run(cfg)  # train_seconds: the fit loop's wall clock
     return (out / "artifacts" / "diffusion" / cfg.name,
             metrics["steps"] * cfg.diffusion.batch_size / metrics["train_seconds"])
+
+
+def held_out(n: int, size: tuple[int, int]) -> tuple[list[str], torch.Tensor]:
+    """n held-out (test split) images stretched to `size` (h, w): their captions and (n, 3, h, w) in [-1, 1]."""
+    items = list(stretched_items(n, [size], split="test"))
+    images = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for _, im in items])
+    return [c for c, _ in items], images
+
+
+def square(x: torch.Tensor) -> torch.Tensor:
+    """Images of any bucket size stretched back to 48², where the shapes were rendered, before they are read."""
+    return F.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+@torch.no_grad()
+def reconstruction_scores(first_stage, n: int) -> tuple[dict[str, float], Counter]:
+    """Per size: caption alignment of the autoencoder's reconstructions of n held-out images (stage 2's ceiling);
+    and over all sizes, how often a caption's colour was read as another ((true, read) → count)."""
+    from ldm_train.data.shapes import caption_alignment, parse_caption, read_attributes
+
+    alignment, confusions = {}, Counter()
+    for h, w in SIZES:
+        captions, real = held_out(n, (h, w))
+        recon = square(torch.cat([first_stage.decode(first_stage.encode(real[i:i + 64], sample=False))
+                                  for i in range(0, n, 64)]))
+        alignment[f"{h}x{w}"] = caption_alignment(recon, captions)
+        for caption, image in zip(captions, recon):
+            true, read = parse_caption(caption)[0], read_attributes(image)[0]
+            confusions[(true, read)] += true != read
+    return alignment, +confusions
 
 
 @torch.no_grad()
@@ -124,26 +164,35 @@ def score(artifact: Path, n: int, out: Path, sampling: dict | None = None) -> di
     from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
     from ldm_train.utils.images import save_grid
 
-    def square(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False).clamp(-1, 1)
-
     pipe = LatentDiffusionPipeline.from_artifact(artifact)
     captions = eval_captions(n)
-    result: dict[str, dict[str, float]] = {"alignment": {}, "recon_alignment": {}}
+    result: dict[str, dict[str, float]] = {"alignment": {}}
     for h, w in SIZES:
         images = torch.cat([pipe.generate(captions[i:i + 64], guidance_scale=3.0, height=h, width=w, seed=i,
                                           **(sampling or {}))
                             for i in range(0, n, 64)])
         result["alignment"][f"{h}x{w}"] = caption_alignment(square(images), captions)
         save_grid(images[:16], out / f"samples_{h}x{w}.png", nrow=4)
-        held_out = list(stretched_items(n, [(h, w)], split="test"))  # the same n images at each size
-        real_captions = [c for c, _ in held_out]
-        real = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
-                            for _, im in held_out])
-        fs = pipe.first_stage
-        recon = torch.cat([fs.decode(fs.encode(real[i:i + 64], sample=False)) for i in range(0, n, 64)])
-        result["recon_alignment"][f"{h}x{w}"] = caption_alignment(square(recon), real_captions)
+    result["recon_alignment"] = reconstruction_scores(pipe.first_stage, n)[0]
     return result
+
+
+def stage1_seeds(args: argparse.Namespace, data: list[str]) -> None:
+    """Only the bucketed run's autoencoder, once per seed in args.seeds; prints its reconstructions' alignment per
+    size and the colours it merges (held-out images, `--eval` per size)."""
+    from ldm_train.pipeline.first_stage import FirstStage
+
+    print(f"{'seed':5s} {'steps':6s} {'PSNR':8s} " + " ".join(f"{h}x{w:<8d}" for h, w in SIZES) + " colours read wrong")
+    for seed in args.seeds:
+        cfg = compose([*common_overrides(args.out / f"stage1_seed{seed}", data, args.experiment, True,
+                                         args.stage1 == "buckets", args.overrides), "stage=autoencoder",
+                       f"seed={seed}", f"paths.run_dir={args.out / f'stage1_seed{seed}' / 'run_ae'}"])
+        metrics = run(cfg)
+        fs = FirstStage.from_artifact(Path(cfg.paths.artifacts) / "autoencoder" / cfg.name)
+        alignment, confusions = reconstruction_scores(fs, args.eval)
+        print(f"{seed:<5d} {metrics['steps']:<6d} {metrics['recon_psnr']:<8.2f} "
+              + " ".join(f"{alignment[f'{h}x{w}']:<11.3f}" for h, w in SIZES)
+              + " " + ", ".join(f"{t}→{r} {k}" for (t, r), k in confusions.most_common(3)), flush=True)
 
 
 def main() -> None:
@@ -160,6 +209,9 @@ def main() -> None:
                     help="the bucketed run's autoencoder: trained on the buckets, or on square center crops")
     ap.add_argument("--score-only", action="store_true",
                     help="train nothing: score the artifacts an earlier run left under --out (e.g. with --sampling)")
+    ap.add_argument("--stage1-seeds", type=int, nargs="+", metavar="SEED", dest="seeds",
+                    help="train only the bucketed run's autoencoder (as --stage1 says), once per seed, and print its "
+                         "reconstructions' alignment per size and the colours it merges")
     ap.add_argument("--sampling", default=None, metavar="SAMPLER:STEPS:ETA",
                     help="score with these sampler settings instead of the artifact's own (e.g. ddim:20:1)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs (e.g. diffusion.max_steps=50)")
@@ -174,6 +226,8 @@ def main() -> None:
     if not args.score_only:
         make_folder(args.out / "data", args.images)
     data = data_overrides(args)
+    if args.seeds:
+        return stage1_seeds(args, data)
     rows = {}
     for name, buckets in (("buckets", True), ("center_crop", False)):
         if name not in args.runs:
