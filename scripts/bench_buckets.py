@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_samplers import parse_variant  # scripts/ is on the path of a script run as `python scripts/...`
 from PIL import Image
 
 from ldm_train.__main__ import run
@@ -218,10 +219,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     np.random.seed(0)
-    sampling = None
-    if args.sampling:
-        sampler, steps, eta = args.sampling.split(":")
-        sampling = {"sampler": sampler, "steps": int(steps), "eta": float(eta)}
+    sampling = dict(zip(("sampler", "steps", "eta"), parse_variant(args.sampling))) if args.sampling else None
     earlier = json.loads((args.out / "results.json").read_text()) if args.score_only else {}
     if not args.score_only:
         make_folder(args.out / "data", args.images)
@@ -232,8 +230,11 @@ def main() -> None:
     for name, buckets in (("buckets", True), ("center_crop", False)):
         if name not in args.runs:
             continue
-        if args.score_only:
-            artifact, throughput = args.out / name / "artifacts" / "diffusion" / "kl_f4", earlier[name]["samples_per_s"]
+        if args.score_only:  # the artifact the same run's stage 2 wrote
+            cfg = compose([*common_overrides(args.out / name, data, args.experiment, buckets, False, args.overrides),
+                           "stage=diffusion"])
+            artifact = args.out / name / "artifacts" / "diffusion" / cfg.name
+            throughput = earlier[name]["samples_per_s"]
         else:
             artifact, throughput = train(args.out / name, data, args.experiment, buckets, args.overrides,
                                          stage1_buckets=buckets and args.stage1 == "buckets")
