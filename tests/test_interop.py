@@ -326,3 +326,16 @@ def test_only_a_diffusers_kind_of_autoencoder_exports():
     vq = {**kl, "regularizer": {"name": "vq"}}
     with pytest.raises(ConfigError, match="this model's first stage is vq"):
         vae_to_diffusers(vq, 0.5)
+
+
+def test_a_pooled_text_unet_is_refused_by_export():
+    """diffusers' Stable Diffusion pipeline passes no pooled caption: export names the option instead of writing a
+    model that ignores it."""
+    from ldm_train.config import ConfigError
+    from ldm_train.interop.configs import unet_to_diffusers
+
+    unet = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_head_channels=8,
+                context_dim=8, num_groups=8)
+    assert unet_to_diffusers(unet, {}, 8)["block_out_channels"] == [16, 32]
+    with pytest.raises(ConfigError, match="unet.pooled_text=true"):
+        unet_to_diffusers({**unet, "pooled_text": True}, {}, 8)

@@ -123,3 +123,45 @@ def test_timestep_embedding_hand_case():
     freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(3) / 3)
     torch.testing.assert_close(emb[1], torch.cat([freqs.sin(), freqs.cos()]))
     assert timestep_embedding(torch.tensor([2]), 7).shape == (1, 7)
+
+
+def test_pooled_text_adds_the_mean_caption_to_the_timestep_embedding():
+    """unet.pooled_text: every ResBlock's embedding is time_embed(sinusoid(t)) + text_embed(mean of the tokens),
+    computed here by hand from the two MLPs and compared with what the first ResBlock receives."""
+    net = tiny(pooled_text=True)
+    x, t, ctx = inputs()
+    seen = []
+    net.down_blocks[0][0].register_forward_hook(lambda m, args, out: seen.append(args[1]))  # returns None
+    net(x, t, ctx)
+    expected = net.time_embed(timestep_embedding(t, 16)) + net.text_embed(ctx.sum(dim=1) / ctx.shape[1])
+    torch.testing.assert_close(seen[0], expected)
+    assert tiny().text_embed is None
+
+
+def test_pooled_text_alone_carries_the_caption():
+    """Without any attention layer only the pooled path sees the caption: the output follows the context, a plain
+    network's does not, and a missing context is refused."""
+    net = tiny(attention_levels=[], mid_attention=False, pooled_text=True)
+    perturb_zero_init(net)
+    x, t, ctx = inputs()
+    assert not torch.allclose(net(x, t, ctx), net(x, t, ctx.flip(0)))
+    with pytest.raises(ValueError, match="pooled-text"):
+        net(x, t)
+    plain = tiny(attention_levels=[], mid_attention=False)
+    perturb_zero_init(plain)
+    torch.testing.assert_close(plain(x, t, ctx), plain(x, t, ctx.flip(0)))
+
+
+def test_pooled_text_is_a_unet_config_option(compose_cfg):
+    """`unet.pooled_text=true` reaches the network the pipeline builds; the default builds none."""
+    from omegaconf import OmegaConf
+
+    from ldm_train.pipeline.latent_diffusion import build_denoiser
+
+    def built(overrides):
+        cfg = compose_cfg(["experiment=smoke", *overrides])
+        return build_denoiser(OmegaConf.to_container(cfg.unet, resolve=True), 4, cfg.text_encoder.dim)
+
+    assert built(["unet.pooled_text=true"]).text_embed is not None
+    assert built([]).text_embed is None
+    assert built(["experiment=quickstart"]).text_embed is None

@@ -99,6 +99,9 @@ def unet_to_diffusers(unet: dict, interop: dict, sample_size: int) -> dict:
     levels, attention = len(mult), set(unet["attention_levels"])
     if not unet.get("mid_attention", True):
         raise ConfigError("a U-Net without mid-block attention has no diffusers UNet2DConditionModel equivalent")
+    if unet.get("pooled_text"):
+        raise ConfigError("a U-Net with unet.pooled_text=true needs its pooled caption at every call, which diffusers' "
+                          "Stable Diffusion pipeline does not pass; export one trained with unet.pooled_text=false")
     widths = [mc * m for m in mult]
     if unet.get("num_heads"):
         heads = [unet["num_heads"]] * levels

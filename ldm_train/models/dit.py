@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm_train.models.unet import Attention, timestep_embedding
+from ldm_train.models.unet import Attention, pooled_context, timestep_embedding
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -148,7 +148,7 @@ class DiT(nn.Module):
         """c (B, D) = MLP(sinusoid(t)) + MLP(mean of the context tokens)."""
         c = self.time_embed(timestep_embedding(t, self.frequency_dim).to(dtype))
         if self.text_embed is not None:
-            c = c + self.text_embed(context.mean(dim=1))
+            c = c + self.text_embed(pooled_context(context))
         return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,6 +45,12 @@ def size_features(size_cond: torch.Tensor, dim: int) -> torch.Tensor:
     return timestep_embedding(size_cond.flatten(), dim).view(size_cond.shape[0], -1)
 
 
+def pooled_context(context: torch.Tensor) -> torch.Tensor:
+    """The caption as one vector: the mean of its (B, L, D) token states -> (B, D) (DiT's and the U-Net's pooled-text
+    path)."""
+    return context.mean(dim=1)
+
+
 def _norm_widths(model_channels: int, channel_mult: list[int], num_res_blocks: int) -> list[int]:
     """Every GroupNorm width the U-Net will contain, mirroring UNet.__init__'s skip bookkeeping."""
     widths = [model_channels * m for m in channel_mult]
@@ -212,6 +218,7 @@ class UNet(nn.Module):
         flip_sin_to_cos: bool = False,
         upcast_attention: bool = False,
         size_conditioning: bool = False,
+        pooled_text: bool = False,
     ):
         super().__init__()
         channel_mult = list(channel_mult)
@@ -237,6 +244,10 @@ class UNet(nn.Module):
         # size conditioning: Fourier features of 6 numbers, embedded like t and added to its embedding
         self.size_embed = nn.Sequential(nn.Linear(6 * model_channels, emb_dim), nn.SiLU(),
                                         nn.Linear(emb_dim, emb_dim)) if size_conditioning else None
+        # pooled text: the mean caption token through an MLP, added to the timestep embedding (as DiT's
+        # conditioning and SDXL's pooled text embedding): every ResBlock sees the caption, not only the attention
+        self.text_embed = nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim)) if pooled_text else None
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         def stage(in_ch: int, out_ch: int, attn: bool) -> nn.ModuleList:
@@ -333,8 +344,9 @@ class UNet(nn.Module):
             if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.context_dim:
                 raise ValueError(f"context must be (B={b}, L, context_dim={self.context_dim}), "
                                  f"got {tuple(context.shape)}")
-        elif self._has_attention:
-            raise ValueError("this U-Net has cross-attention layers and needs a context (B, L, context_dim)")
+        elif self._has_attention or self.text_embed is not None:
+            raise ValueError("this U-Net has cross-attention layers or a pooled-text path and needs a context "
+                             "(B, L, context_dim)")
 
         # Cast inputs to the parameter dtype so a bf16/fp16 model works without autocast (no-op under autocast).
         dtype = self.conv_in.weight.dtype
@@ -349,6 +361,8 @@ class UNet(nn.Module):
                                  f"crop top, left, target h, w; got {None if size_cond is None else size_cond.shape}")
             emb = emb + self.size_embed(size_features(size_cond.to(x.device), self.model_channels).to(dtype))
         context = None if context is None else context.to(dtype)
+        if self.text_embed is not None:
+            emb = emb + self.text_embed(pooled_context(context))
 
         h = self.conv_in(x.to(dtype))  # (B, mc, H, W)
         skips = [h]
