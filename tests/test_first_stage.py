@@ -188,3 +188,68 @@ def test_encode_is_float32_under_bf16_autocast(tmp_path):
     assert cached[0].dtype == cached[1].dtype == torch.float32
     assert torch.equal(cached[0], mean) and torch.equal(cached[1], std)
     assert from_cache.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ per-channel normalisation
+
+
+def calibration_of(model: Autoencoder, x: torch.Tensor) -> dict:
+    """scale_factor and per-channel mean/std of the mode latents of x, computed here directly."""
+    with torch.no_grad():
+        z = model.latent(x, sample=False).double()
+    return {"scale_factor": 1 / z.std().item(), "raw_std": z.std().item(),
+            "channel_mean": z.mean((0, 2, 3)).tolist(), "channel_std": z.transpose(0, 1).flatten(1).std(1).tolist()}
+
+
+def test_latent_norm_channel_centres_and_scales_each_channel(tmp_path):
+    """diffusion.latent_norm=channel: stage 2 sees (z − mean_c)/std_c per channel (each channel mean 0, std 1 on the
+    calibration images), decode inverts it, and the global default is z·scale_factor as before."""
+    model = tiny_autoencoder(tmp_path)
+    x = images(16)
+    cal = calibration_of(model, x)
+    with torch.no_grad():
+        z = model.latent(x, sample=False)
+    channel = FirstStage(model, cal, sample_posterior=False, latent_norm="channel")
+    seen = channel.encode(x)
+    mean = torch.tensor(cal["channel_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cal["channel_std"]).view(1, -1, 1, 1)
+    torch.testing.assert_close(seen, (z - mean) / std)
+    torch.testing.assert_close(seen.mean((0, 2, 3)), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen.transpose(0, 1).flatten(1).std(1), torch.ones(z.shape[1]))
+    plain = FirstStage(model, cal, sample_posterior=False)
+    torch.testing.assert_close(plain.encode(x), z * cal["scale_factor"])
+    torch.testing.assert_close(channel.decode(seen), plain.decode(plain.encode(x)), atol=1e-5, rtol=0)
+    mean_c, std_c = channel.raw_latents(x)
+    torch.testing.assert_close(channel.from_cache(mean_c, std_c, sample=False), seen)
+    assert plain.diffusers_scaling_factor() == cal["scale_factor"]
+    with pytest.raises(ValueError, match="latent_norm=global"):
+        channel.diffusers_scaling_factor()  # diffusers' SD pipeline applies one scaling_factor
+
+
+def test_latent_norm_needs_the_channel_statistics(tmp_path):
+    model = tiny_autoencoder(tmp_path)
+    with pytest.raises(ArtifactError, match="re-run stage=calibrate, or set diffusion.latent_norm=global"):
+        FirstStage(model, {"scale_factor": SCALE, "raw_std": 1.0}, latent_norm="channel")
+    with pytest.raises(ValueError, match="'per_image' is not one of global, channel"):
+        FirstStage(model, {"scale_factor": SCALE, "raw_std": 1.0}, latent_norm="per_image")
+
+
+def test_stage2_with_latent_norm_channel_round_trips_through_the_artifact(smoke_autoencoder, tmp_path):
+    """Trained with diffusion.latent_norm=channel, the diffusion artifact records it and loads a first stage that
+    normalises per channel with the autoencoder's calibration; export refuses it by name."""
+    from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(smoke_autoencoder["artifact"], artifacts / "autoencoder" / "kl_f4")
+    run(compose_cfg([*smoke_autoencoder["cfg_overrides"], f"paths.artifacts={artifacts}", "stage=diffusion",
+                     "diffusion.latent_norm=channel", "diffusion.max_steps=2", "diffusion.val_every=2",
+                     f"paths.run_dir={tmp_path / 'run'}"]))
+    pipe = LatentDiffusionPipeline.from_artifact(artifacts / "diffusion" / "kl_f4")
+    cal = json.loads((artifacts / "autoencoder" / "kl_f4" / "calibration.json").read_text())
+    assert pipe.config["diffusion"]["latent_norm"] == "channel"
+    torch.testing.assert_close(pipe.first_stage.shift.flatten(), torch.tensor(cal["channel_mean"]))
+    torch.testing.assert_close(pipe.first_stage.scale.flatten(), 1 / torch.tensor(cal["channel_std"]))
+    images = pipe.generate(["a red circle"], steps=2, seed=0)
+    assert images.shape == (1, 3, pipe.resolution, pipe.resolution) and images.abs().max() <= 1
+    with pytest.raises(ValueError, match="normalised per channel"):
+        pipe.first_stage.diffusers_scaling_factor()

@@ -20,7 +20,7 @@ def diffusers_modules(pipe) -> tuple:
 
     first = pipe.first_stage
     interop = pipe.config.get("interop", {})
-    vae = diffusers.AutoencoderKL(**vae_to_diffusers(first.autoencoder.arch, first.scale_factor))
+    vae = diffusers.AutoencoderKL(**vae_to_diffusers(first.autoencoder.arch, first.diffusers_scaling_factor()))
     vae.load_state_dict(to_theirs(first.autoencoder.state_dict(), autoencoder_table(first.autoencoder)), strict=True)
     unet_cfg = dict(pipe.config["unet"], in_channels=pipe.first_stage.latent_channels)
     unet = diffusers.UNet2DConditionModel(**unet_to_diffusers(unet_cfg, interop,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm_train.config import ConfigError
 from ldm_train.errors import UserError
 from ldm_train.pipeline.artifacts import ArtifactError, content_hash, load_autoencoder
 
@@ -35,19 +36,46 @@ def calibrated_on_samples(calibration: dict) -> bool:
     return bool(calibration.get("sample", False))
 
 
-class FirstStage(nn.Module):
-    """Frozen autoencoder + calibrated `scale_factor`: encode(x) = z·s on the way in, decode(z) = D(z/s) out.
+LATENT_NORMS = ("global", "channel")
 
+
+def latent_normalization(calibration: dict, latent_norm: str, channels: int,
+                         path: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale), each (1, C, 1, 1) float32, of `diffusion.latent_norm` from a calibration report."""
+    if latent_norm == "global":
+        return torch.zeros(1, channels, 1, 1), torch.full((1, channels, 1, 1), float(calibration["scale_factor"]))
+    if latent_norm != "channel":
+        raise ConfigError(f"diffusion.latent_norm={latent_norm!r} is not one of {', '.join(LATENT_NORMS)}")
+    mean, std = calibration.get("channel_mean"), calibration.get("channel_std")
+    if mean is None or std is None or len(mean) != channels or len(std) != channels or not min(std) > 0:
+        raise ArtifactError(f"the calibration of {path or 'this autoencoder'} holds no per-channel mean and std for "
+                            f"its {channels} latent channels, which diffusion.latent_norm=channel needs: re-run "
+                            "stage=calibrate, or set diffusion.latent_norm=global")
+    return (torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+            1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+
+class FirstStage(nn.Module):
+    """Frozen autoencoder + calibration: encode(x) = (z − shift)·scale on the way in, decode(z) = D(z/scale + shift)
+    out.
+
+    `latent_norm` (`diffusion.latent_norm`): "global" (Stable Diffusion's): shift 0, scale = the calibrated
+    scale_factor = 1/std(z); "channel": each latent channel shifted by its calibrated mean and divided by its std
+    (`channel_mean`, `channel_std` of calibration.json), so every channel reaches stage 2 centred with unit std.
     `sample_posterior` (KL): encode posterior samples rather than the mode; None takes what calibration measured.
     A value that differs from it is logged as a warning: the scaled latents would not have unit std.
     """
 
     def __init__(self, autoencoder: nn.Module, calibration: dict, sample_posterior: bool | None = None,
-                 path: Path | None = None):
+                 path: Path | None = None, latent_norm: str = "global"):
         super().__init__()
         self.autoencoder = autoencoder
         self.calibration = calibration
         self.scale_factor = float(calibration["scale_factor"])
+        self.latent_norm = latent_norm
+        shift, scale = latent_normalization(calibration, latent_norm, autoencoder.z_channels, path)
+        self.register_buffer("shift", shift, persistent=False)  # (1, C, 1, 1), follows .to(device)
+        self.register_buffer("scale", scale, persistent=False)
         calibrated = calibrated_on_samples(calibration)
         self.sample_posterior = calibrated if sample_posterior is None else bool(sample_posterior)
         self.path = Path(path) if path else None
@@ -88,9 +116,9 @@ class FirstStage(nn.Module):
 
     @classmethod
     def from_artifact(cls, path: Path, f: int | None = None, regularizer: str | None = None,
-                      sample_posterior: bool | None = None) -> FirstStage:
+                      sample_posterior: bool | None = None, latent_norm: str = "global") -> FirstStage:
         model, calibration = load_autoencoder(path, f, regularizer, require_calibration=True)
-        return cls(model, calibration, sample_posterior, path)
+        return cls(model, calibration, sample_posterior, path, latent_norm)
 
     def train(self, mode: bool = True) -> FirstStage:
         return super().train(False)  # frozen: never back in training mode
@@ -110,7 +138,7 @@ class FirstStage(nn.Module):
         hands stage 2 (KL: posterior sample or mode; VQ: by `regularizer.diffuse`) times scale_factor."""
         sample = self.sample_posterior if sample is None else sample
         with float32_latents(x.device):
-            return self.autoencoder.latent(self._float_input(x), sample=sample).float() * self.scale_factor
+            return self.normalize(self.autoencoder.latent(self._float_input(x), sample=sample).float())
 
     @torch.no_grad()
     def raw_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,12 +158,25 @@ class FirstStage(nn.Module):
             z = latent.float()
             if sample and std is not None:
                 z = z + torch.randn_like(z) * std.float()
-            return z * self.scale_factor
+            return self.normalize(z)
+
+    def diffusers_scaling_factor(self) -> float:
+        """The one `scaling_factor` a diffusers AutoencoderKL and Stable Diffusion pipeline apply; refuses a per-channel
+        normalisation, which the Stable Diffusion pipeline cannot express."""
+        if self.shift.any() or not torch.equal(self.scale, self.scale.flatten()[0].expand_as(self.scale)):
+            raise ConfigError(f"this model was trained on latents normalised per channel (diffusion.latent_norm="
+                              f"{self.latent_norm}); diffusers' Stable Diffusion pipeline applies one scaling_factor. "
+                              "Export a model trained with diffusion.latent_norm=global")
+        return self.scale_factor
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw float32 latents → what stage 2 sees: (z − shift)·scale."""
+        return (z - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [-1, 1] (clamped); VQ quantizes them first (`Autoencoder.decode_latent`)."""
-        return self.autoencoder.decode_latent(z / self.scale_factor).clamp(-1, 1)
+        return self.autoencoder.decode_latent(z.float() / self.scale + self.shift).clamp(-1, 1)
 
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """(C, height/f, width/f) of the latent of a height × width image (width defaults to height)."""
@@ -151,8 +192,9 @@ class FirstStage(nn.Module):
         """Encode a batch (or take scaled `latents`); refuse (LatentStdError) when the scaled std is outside
         `std_range`."""
         z = self.encode(x) if latents is None else latents
+        raw = z.float() / self.scale + self.shift
         stats = {"scaled_mean": float(z.mean()), "scaled_std": float(z.std()), "scale_factor": self.scale_factor,
-                 "raw_std": float(z.std()) / self.scale_factor, "calibrated_raw_std": self.calibration["raw_std"]}
+                 "raw_std": float(raw.std()), "calibrated_raw_std": self.calibration["raw_std"]}
         lo, hi = std_range
         if not lo <= stats["scaled_std"] <= hi:
             raise LatentStdError(

@@ -108,7 +108,8 @@ class LatentDiffusionPipeline:
         path = Path(path)
         config, ae_path = read_diffusion(path)
         config = with_local_paths(config, path)
-        pipe = cls.build(FirstStage.from_artifact(ae_path), config)
+        latent_norm = config["diffusion"].get("latent_norm", "global")  # artifacts from before the option: global
+        pipe = cls.build(FirstStage.from_artifact(ae_path, latent_norm=latent_norm), config)
         if (path / "text_encoder.safetensors").exists():
             pipe.text_encoder.load_state_dict(load_weights(path / "text_encoder.safetensors"))
         pipe.denoiser.load_state_dict(load_weights(path / "model.safetensors"))

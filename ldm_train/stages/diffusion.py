@@ -58,7 +58,11 @@ def init_pipeline(cfg: DictConfig) -> LatentDiffusionPipeline:
     stored, _ = read_diffusion(path)
     check_against_artifact(cfg, path, {"f": stored["f"], "regularizer": stored["regularizer"]})
     diffusion = {**OmegaConf.to_container(cfg.diffusion, resolve=True),
-                 **{k: stored["diffusion"][k] for k in SCHEDULE_KEYS}}  # the weights were trained on this schedule
+                 **{k: stored["diffusion"][k] for k in SCHEDULE_KEYS},  # the weights were trained on this schedule
+                 "latent_norm": stored["diffusion"].get("latent_norm", "global")}  # and on these latents
+    if diffusion["latent_norm"] != cfg.diffusion.latent_norm:
+        log.warning("diffusion.latent_norm=%s ignored: %s was trained on latent_norm=%s latents, which fine-tuning "
+                    "keeps", cfg.diffusion.latent_norm, path, diffusion["latent_norm"])
     pipe = LatentDiffusionPipeline.init_from(path, {"diffusion": diffusion, "data": cfg.data.name,
                                                     "resolution": cfg.data.resolution})
     pipe.first_stage.sample_posterior = bool(cfg.diffusion.sample_posterior)
@@ -102,7 +106,8 @@ def run(cfg: DictConfig) -> dict:
     d = cfg.diffusion
     init = init_pipeline(cfg) if d.get("init_from") else None
     first_stage = init.first_stage if init else FirstStage.from_artifact(autoencoder_dir(cfg), cfg.f,
-                                                                         cfg.regularizer.name, d.sample_posterior)
+                                                                         cfg.regularizer.name, d.sample_posterior,
+                                                                         d.latent_norm)
     first_stage.check_options(OmegaConf.to_container(cfg.regularizer, resolve=True))
     if cfg.data.name == "latents":  # the cache must come from this autoencoder; its resolution is the run's
         info = read_info(cfg.data)
