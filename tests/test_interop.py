@@ -339,3 +339,18 @@ def test_a_pooled_text_unet_is_refused_by_export():
     assert unet_to_diffusers(unet, {}, 8)["block_out_channels"] == [16, 32]
     with pytest.raises(ConfigError, match="unet.pooled_text=true"):
         unet_to_diffusers({**unet, "pooled_text": True}, {}, 8)
+
+
+def test_export_refuses_a_unet_with_tensors_diffusers_has_no_place_for(imported):
+    """A size-conditioned U-Net's size embedding has no UNet2DConditionModel counterpart: export names it (it
+    stopped with a bare StopIteration from the key table)."""
+    import copy
+
+    from ldm_train.interop.diffusers_export import diffusers_modules
+
+    _, pipe = imported
+    pipe = copy.copy(pipe)
+    pipe.denoiser = copy.deepcopy(pipe.denoiser)
+    pipe.denoiser.size_embed = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    with pytest.raises(KeyMismatchError, match=r"2 tensors .*size_embed.0.weight.*size_conditioning=true"):
+        diffusers_modules(pipe)

@@ -164,4 +164,4 @@ def test_pooled_text_is_a_unet_config_option(compose_cfg):
 
     assert built(["unet.pooled_text=true"]).text_embed is not None
     assert built([]).text_embed is None
-    assert built(["experiment=quickstart"]).text_embed is None
+    assert built(["experiment=quickstart"]).text_embed is not None  # the quickstart turns it on
