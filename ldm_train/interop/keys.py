@@ -93,19 +93,16 @@ def unet_table(unet: nn.Module, linear_projection: bool = True) -> list[Entry]:
     top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
            "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
 
-    unplaced = [k for k in unet.state_dict() if k.rpartition(".")[0] not in top
-                and not any(k.startswith(p + ".") for p in prefixes)]
-    if unplaced:  # e.g. size conditioning's size_embed
-        raise KeyMismatchError(f"the U-Net holds {len(unplaced)} tensors diffusers' UNet2DConditionModel has no place "
-                               f"for ({_listing(unplaced)}): a model trained with diffusion.size_conditioning=true "
-                               "cannot be exported; export one trained without it")
-    table = []
+    table, unplaced = [], []
     for key in unet.state_dict():
         module, _, param = key.rpartition(".")
         if module in top:
             table.append(Entry(key, (f"{top[module]}.{param}",)))
             continue
-        prefix = next(p for p in prefixes if key.startswith(p + "."))
+        prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
+        if prefix is None:  # e.g. size conditioning's size_embed
+            unplaced.append(key)
+            continue
         theirs, kind = prefixes[prefix]
         rest = key[len(prefix) + 1:]
         if kind == "res":
@@ -116,6 +113,10 @@ def unet_table(unet: nn.Module, linear_projection: bool = True) -> list[Entry]:
         if kind == "attn" and not linear_projection and re.match(r"proj_(in|out)\.weight$", rest):
             layout = "conv1x1"
         table.append(Entry(key, (f"{theirs}.{rest}",), layout))
+    if unplaced:
+        raise KeyMismatchError(f"the U-Net holds {len(unplaced)} tensors diffusers' UNet2DConditionModel has no place "
+                               f"for ({_listing(unplaced)}): a model trained with diffusion.size_conditioning=true "
+                               "cannot be exported; export one trained without it")
     return table
 
 

@@ -163,7 +163,7 @@ class FirstStage(nn.Module):
     def diffusers_scaling_factor(self) -> float:
         """The one `scaling_factor` a diffusers AutoencoderKL and Stable Diffusion pipeline apply; refuses a per-channel
         normalisation, which the Stable Diffusion pipeline cannot express."""
-        if self.shift.any() or not torch.equal(self.scale, self.scale.flatten()[0].expand_as(self.scale)):
+        if self.latent_norm != "global":
             raise ConfigError(f"this model was trained on latents normalised per channel (diffusion.latent_norm="
                               f"{self.latent_norm}); diffusers' Stable Diffusion pipeline applies one scaling_factor. "
                               "Export a model trained with diffusion.latent_norm=global")
@@ -176,7 +176,8 @@ class FirstStage(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [-1, 1] (clamped); VQ quantizes them first (`Autoencoder.decode_latent`)."""
-        return self.autoencoder.decode_latent(z.float() / self.scale + self.shift).clamp(-1, 1)
+        # in z's dtype, as before the per-channel option (a bf16 latent stays bf16 for a bf16 decoder)
+        return self.autoencoder.decode_latent((z.float() / self.scale + self.shift).to(z.dtype)).clamp(-1, 1)
 
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """(C, height/f, width/f) of the latent of a height × width image (width defaults to height)."""
