@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
@@ -458,3 +459,57 @@ def test_bad_perceptual_options():
         perceptual_mod.resolve_backbone_weights("resnet", "random")
     with pytest.raises(ValueError, match="auto, imagenet or random"):
         perceptual_mod.resolve_backbone_weights("alex", "pretrained")
+
+
+# ------------------------------------------------------------------------------------------ latent noise
+
+def test_latent_noise_reaches_the_decoder_with_the_documented_spread(compose_cfg):
+    """forward(x, s): the decoder input is z + τ·std(z)·ε with τ ~ U(0, s) per image; s = 0 leaves z untouched."""
+    cfg = compose_cfg(["autoencoder.ch=16", "autoencoder.num_groups=8", "autoencoder.num_res_blocks=1",
+                       "data.resolution=32"])
+    torch.manual_seed(0)
+    model = Autoencoder(resolved_arch(cfg)).eval()  # eval: the KL regularizer hands over its mode, no sampling
+    x = torch.rand(256, 3, 32, 32) * 2 - 1
+    seen = []
+    model.post_quant_conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        z, _ = model.encode(x)
+        model(x)
+        model(x, latent_noise=0.4)
+    clean, noisy = seen
+    assert torch.equal(clean, z)
+    tau = (noisy - z).flatten(1).std(1) / z.std()  # each image's noise std, in units of the batch's latent std
+    assert float(tau.max()) < 0.4 * 1.1 and float(tau.min()) < 0.05  # within U(0, 0.4), reaching its lower end
+    assert abs(float(tau.mean()) - 0.2) < 0.03  # the mean of U(0, 0.4)
+    assert abs(float((tau < 0.2).float().mean()) - 0.5) < 0.1  # and its median
+
+
+def test_latent_noise_trains_the_decoder_and_spares_validation(compose_cfg, monkeypatch, tmp_path):
+    """autoencoder.latent_noise reaches the training steps of stage 1; validation and calibration decode clean z."""
+    from ldm_train.__main__ import run
+    from tests.conftest import smoke_overrides
+
+    calls = []
+    forward = Autoencoder.forward
+
+    def recording(self, x, latent_noise=0.0):
+        calls.append((self.training, latent_noise))
+        return forward(self, x, latent_noise)
+
+    monkeypatch.setattr(Autoencoder, "forward", recording)
+    run(compose_cfg([*smoke_overrides(tmp_path), "autoencoder.max_steps=2", "autoencoder.val_every=2",
+                 "autoencoder.latent_noise=0.3"]))
+    assert {noise for training, noise in calls if training} == {0.3}
+    assert {noise for training, noise in calls if not training} == {0.0}
+    assert sum(training for training, _ in calls) == 2  # one per training batch
+
+
+def test_latent_noise_is_refused_for_vq(compose_cfg):
+    from ldm_train.config import ConfigError
+    from ldm_train.lit.autoencoder import AutoencoderModule
+
+    cfg = compose_cfg(["experiment=smoke", "regularizer=vq", "autoencoder.latent_noise=0.3"])
+    ae = OmegaConf.to_container(cfg.autoencoder, resolve=True)
+    with pytest.raises(ConfigError, match="latent_noise=0.3 needs a KL autoencoder"):
+        AutoencoderModule(resolved_arch(cfg), ae["loss"], 0.25, 1e-3, ae["optimizer"], ae["lr_scheduler"],
+                          latent_noise=ae["latent_noise"])

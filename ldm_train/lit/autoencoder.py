@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_train.config import ConfigError
 from ldm_train.lit.checkpoints import check_state_shapes
 from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.optim import build_optimizer, build_scheduler
@@ -31,11 +32,12 @@ class AutoencoderModule(L.LightningModule):
 
     def __init__(self, arch: dict, loss: dict, reg_weight: float, lr: float, optimizer: dict | Callable,
                  lr_scheduler: dict | Callable | None = None, out_dir: str | None = None, channels_last: bool = True,
-                 compile: bool = False, train_encoder: bool = True):
+                 compile: bool = False, train_encoder: bool = True, latent_noise: float = 0.0):
         """`optimizer` / `lr_scheduler`: `_target_` + `_partial_` config nodes (or built partials) for both the
         generator's and the discriminator's optimizer; `lr` and `fused` are added here (see lit/optim.py).
         `train_encoder=False` freezes the encoder and quant_conv (SD's ft-MSE recipe: only the decoder learns, so
-        the latents, and with them a diffusion model trained on them, stay valid)."""
+        the latents, and with them a diffusion model trained on them, stay valid).
+        `latent_noise` > 0: the training reconstructions decode noised latents (`Autoencoder.forward`); KL only."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -50,6 +52,10 @@ class AutoencoderModule(L.LightningModule):
         self._compiled = [torch.compile(self.autoencoder)] if compile else []
         self.counting_flops = False
         reg = self.autoencoder.regularizer  # its loss is a sum (KL) or a mean (VQ): the reconstruction follows
+        if latent_noise and not reg.stochastic:
+            raise ConfigError(f"autoencoder.latent_noise={latent_noise:g} needs a KL autoencoder: a VQ decoder only "
+                              "ever sees codebook vectors (generated latents are snapped to it); set it to 0")
+        self.latent_noise = float(latent_noise)
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
         self.loss = AutoencoderLoss(reduction=reg.reduction, reg_weight=reg_weight, reg_key=reg.loss_key,
                                     perceptual=loss["perceptual"], disc=disc, disc_start=loss["disc_start"],
@@ -73,7 +79,7 @@ class AutoencoderModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         step = self.batch_step
         net = self._compiled[0] if self._compiled and not self.counting_flops else self.autoencoder
-        xrec, reg_log = net(x)
+        xrec, reg_log = net(x, self.latent_noise)
         g_loss, logs = self.loss.generator_loss(x, xrec, reg_log, step, self.autoencoder.last_layer)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)

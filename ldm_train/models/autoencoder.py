@@ -189,8 +189,14 @@ class Autoencoder(nn.Module):
         """Decode a generated latent; VQ snaps it to the codebook first (the LDM paper's decoder-side quantizer)."""
         return self.decode(self.regularizer.snap(z))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, latent_noise: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """x → (reconstruction, log_dict). `latent_noise` s > 0 (training): the decoder gets z + τ·std(z)·ε, τ ~ U(0, s)
+        per image, ε ~ N(0, I), std(z) the batch's (so τ is in the units of the scaled latents stage 2 will see):
+        a decoder that also renders slightly-off latents cleanly, as stage 2's samples are."""
         z, log = self.encode(x)
+        if latent_noise:
+            tau = torch.rand(len(z), 1, 1, 1, device=z.device, dtype=z.dtype) * latent_noise
+            z = z + tau * z.detach().std() * torch.randn_like(z)
         return self.decode(z), log
 
     @property

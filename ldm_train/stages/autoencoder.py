@@ -72,7 +72,8 @@ def run(cfg: DictConfig) -> dict:
                                OmegaConf.to_container(ae.optimizer, resolve=True),
                                OmegaConf.to_container(ae.lr_scheduler, resolve=True) if ae.lr_scheduler else None,
                                out_dir=str(run_dir(cfg)), channels_last=cfg.trainer.get("channels_last", True),
-                               compile=ae.get("compile", False), train_encoder=ae.get("train_encoder", True))
+                               compile=ae.get("compile", False), train_encoder=ae.get("train_encoder", True),
+                               latent_noise=ae.get("latent_noise", 0.0))
     if init:  # start from the artifact's weights (imported or ours); strict: its config.yaml built this module
         module.autoencoder.load_state_dict(load_weights(init[0] / "model.safetensors"), strict=True)
         log.info("stage 1 starts from %s (f=%d, %s)", init[0], arch["f"], arch["regularizer"]["name"])
