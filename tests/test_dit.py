@@ -135,3 +135,13 @@ def test_paper_sizes_compose(compose_cfg, tmp_path, option, width, depth):
     cfg = compose_cfg(["experiment=smoke", f"unet={option}", f"paths.run_dir={tmp_path}"])
     assert (cfg.unet.kind, cfg.unet.hidden_size, cfg.unet.depth, cfg.unet.patch_size) == ("dit", width, depth, 2)
     assert cfg.unet.context_dim == cfg.text_encoder.dim
+
+
+def test_export_of_a_dit_is_refused_by_name():
+    """diffusers has no UNet2DConditionModel form of a DiT: both export formats say so (before: a missing-key crash)."""
+    from types import SimpleNamespace
+
+    from ldm_train.interop.diffusers_export import diffusers_modules
+
+    with pytest.raises(ConfigError, match="denoiser is a DiT, which has no diffusers UNet2DConditionModel form"):
+        diffusers_modules(SimpleNamespace(denoiser=DiT(**SMALL)))

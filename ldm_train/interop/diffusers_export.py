@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ldm_train.config import ConfigError
 from ldm_train.interop.configs import schedule_to_diffusers, unet_to_diffusers, vae_to_diffusers
 from ldm_train.interop.keys import autoencoder_table, to_theirs, unet_table
 from ldm_train.utils.io import atomic_write_dir
@@ -16,6 +17,12 @@ from ldm_train.utils.io import atomic_write_dir
 
 def diffusers_modules(pipe) -> tuple:
     """(AutoencoderKL, UNet2DConditionModel, DDIMScheduler) holding the pipeline's weights and settings."""
+    from ldm_train.models.unet import UNet
+
+    if not isinstance(pipe.denoiser, UNet):
+        raise ConfigError(f"this model's denoiser is a {type(pipe.denoiser).__name__}, which has no diffusers "
+                          "UNet2DConditionModel form: format=diffusers and format=single_file export U-Net models "
+                          "only; keep the artifact itself (stage=sample reads it)")
     import diffusers
 
     first = pipe.first_stage
