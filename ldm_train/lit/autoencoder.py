@@ -10,7 +10,6 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm_train.config import ConfigError
 from ldm_train.lit.checkpoints import check_state_shapes
 from ldm_train.lit.nonfinite import guard_step
 from ldm_train.lit.optim import build_optimizer, build_scheduler
@@ -37,7 +36,8 @@ class AutoencoderModule(L.LightningModule):
         generator's and the discriminator's optimizer; `lr` and `fused` are added here (see lit/optim.py).
         `train_encoder=False` freezes the encoder and quant_conv (SD's ft-MSE recipe: only the decoder learns, so
         the latents, and with them a diffusion model trained on them, stay valid).
-        `latent_noise` > 0: the training reconstructions decode noised latents (`Autoencoder.forward`); KL only."""
+        `latent_noise` > 0: the training reconstructions decode noised latents (`Autoencoder.forward`); KL only (VQ
+        logs that it trains without it)."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -52,9 +52,11 @@ class AutoencoderModule(L.LightningModule):
         self._compiled = [torch.compile(self.autoencoder)] if compile else []
         self.counting_flops = False
         reg = self.autoencoder.regularizer  # its loss is a sum (KL) or a mean (VQ): the reconstruction follows
-        if latent_noise and not reg.stochastic:
-            raise ConfigError(f"autoencoder.latent_noise={latent_noise:g} needs a KL autoencoder: a VQ decoder only "
-                              "ever sees codebook vectors (generated latents are snapped to it); set it to 0")
+        if latent_noise and not reg.stochastic:  # e.g. regularizer=vq in a sweep over the quickstart, which sets it
+            log.warning("autoencoder.latent_noise=%g does not apply to a %s autoencoder (its decoder only ever sees "
+                        "codebook vectors: generated latents are snapped to them): training without it",
+                        latent_noise, reg.name)
+            latent_noise = 0.0
         self.latent_noise = float(latent_noise)
         disc = dict(loss["disc"], in_channels=arch["in_channels"])
         self.loss = AutoencoderLoss(reduction=reg.reduction, reg_weight=reg_weight, reg_key=reg.loss_key,
