@@ -111,13 +111,16 @@ def sampled_by_diffusers(artifact: Path, out: Path, steps: int = 20) -> float:
         from ldm_train.data.shapes import captions_to_labels
 
         labels = captions_to_labels(prompts)
-    ours = pipe.generate(prompts, sampler="ddim", steps=steps, seed=seed, labels=labels)
+    ours = pipe.generate(prompts, sampler="ddim", steps=steps, seed=seed, labels=labels, eta=0.0)  # diffusers' default
     cond, uncond = pipe.text_encoder(prompts, labels=labels), pipe.text_encoder.unconditional("", len(prompts))
     x = torch.randn((len(prompts), *pipe.first_stage.latent_shape(pipe.resolution)),
                     generator=torch.Generator().manual_seed(seed))
     sch.set_timesteps(steps)
+    context = torch.cat([uncond, cond])
+    # unet.pooled_text, exported as a "projection" class embedding: the mean caption token as class_labels
+    pooled = {"class_labels": context.mean(1)} if unet.config.class_embed_type == "projection" else {}
     for t in sch.timesteps:
-        out_u, out_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        out_u, out_c = unet(torch.cat([x, x]), t, encoder_hidden_states=context, **pooled).sample.chunk(2)
         x = sch.step(out_u + g * (out_c - out_u), t, x).prev_sample
     theirs = vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
     return float(((ours - theirs) / 2).abs().max())

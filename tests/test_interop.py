@@ -328,17 +328,47 @@ def test_only_a_diffusers_kind_of_autoencoder_exports():
         vae_to_diffusers(vq, 0.5)
 
 
-def test_a_pooled_text_unet_is_refused_by_export():
-    """diffusers' Stable Diffusion pipeline passes no pooled caption: export names the option instead of writing a
-    model that ignores it."""
-    from ldm_train.config import ConfigError
-    from ldm_train.interop.configs import unet_to_diffusers
+def test_a_pooled_text_unet_exports_as_a_projection_class_embedding(compose_cfg):
+    """unet.pooled_text (the quickstart's) is diffusers' class_embed_type="projection" called with
+    class_labels=prompt_embeds.mean(1): the exported UNet2DConditionModel gives our outputs, and its tensors take the
+    original (single-file) names that diffusers' own converter maps back."""
+    import diffusers
+    from diffusers.loaders import single_file_utils as sfu
+    from omegaconf import OmegaConf
 
-    unet = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_head_channels=8,
-                context_dim=8, num_groups=8)
-    assert unet_to_diffusers(unet, {}, 8)["block_out_channels"] == [16, 32]
-    with pytest.raises(ConfigError, match="unet.pooled_text=true"):
-        unet_to_diffusers({**unet, "pooled_text": True}, {}, 8)
+    from ldm_train.interop.configs import unet_to_diffusers
+    from ldm_train.interop.keys import original_unet
+    from ldm_train.interop.single_file import UNET
+    from ldm_train.pipeline.latent_diffusion import build_denoiser
+
+    unet_cfg = OmegaConf.to_container(compose_cfg(["experiment=quickstart"]).unet, resolve=True)
+    assert unet_cfg["pooled_text"]
+    torch.manual_seed(0)
+    ours = build_denoiser(unet_cfg, 3, unet_cfg["context_dim"]).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # zero-initialised output layers would hide a wrong mapping
+            p.add_(torch.randn_like(p) * 0.05)
+    kwargs = unet_to_diffusers({**unet_cfg, "in_channels": 3}, {}, 8)
+    assert kwargs["class_embed_type"] == "projection"
+    theirs = diffusers.UNet2DConditionModel(**kwargs).eval()
+    theirs.load_state_dict(to_theirs(ours.state_dict(), unet_table(ours, theirs.config.use_linear_projection)),
+                           strict=True)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, unet_cfg["context_dim"], generator=g)
+    t = torch.tensor([3, 801])
+    with torch.no_grad():
+        a = ours(x, t, ctx)
+        b = theirs(x, t, encoder_hidden_states=ctx, class_labels=ctx.mean(1)).sample
+        other = theirs(x, t, encoder_hidden_states=ctx, class_labels=ctx[:, :1].mean(1)).sample
+    assert rel(a, b) <= 1e-5
+    assert rel(other, b) > 1e-3  # the pooled caption does reach the output
+    top = {**sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["class_embed_type"]}
+    up_attention = {i for i, kind in enumerate(theirs.config.up_block_types) if kind.startswith("CrossAttn")}
+    original = original_unet(theirs.state_dict(), theirs.config.layers_per_block, up_attention, top, UNET)
+    assert UNET + "label_emb.0.0.weight" in original
+    back = sfu.convert_ldm_unet_checkpoint(original, theirs.config)
+    assert back.keys() == theirs.state_dict().keys()
+    assert torch.equal(back["class_embedding.linear_2.weight"], ours.text_embed[2].weight)
 
 
 def test_export_refuses_a_unet_with_tensors_diffusers_has_no_place_for(imported):

@@ -99,15 +99,16 @@ def unet_to_diffusers(unet: dict, interop: dict, sample_size: int) -> dict:
     levels, attention = len(mult), set(unet["attention_levels"])
     if not unet.get("mid_attention", True):
         raise ConfigError("a U-Net without mid-block attention has no diffusers UNet2DConditionModel equivalent")
-    if unet.get("pooled_text"):
-        raise ConfigError("a U-Net with unet.pooled_text=true needs its pooled caption at every call, which diffusers' "
-                          "Stable Diffusion pipeline does not pass; export one trained with unet.pooled_text=false")
     widths = [mc * m for m in mult]
     if unet.get("num_heads"):
         heads = [unet["num_heads"]] * levels
     else:
         heads = [max(1, w // unet["num_head_channels"]) for w in widths]
-    return dict(sample_size=sample_size, in_channels=unet.get("in_channels", 4),
+    # unet.pooled_text: MLP(mean caption token) added to the timestep embedding = diffusers' "projection" class
+    # embedding, called with class_labels=prompt_embeds.mean(dim=1)
+    pooled = dict(class_embed_type="projection", projection_class_embeddings_input_dim=unet["context_dim"]) \
+        if unet.get("pooled_text") else {}
+    return dict(**pooled, sample_size=sample_size, in_channels=unet.get("in_channels", 4),
                 out_channels=unet.get("out_channels") or unet.get("in_channels", 4), block_out_channels=widths,
                 layers_per_block=unet["num_res_blocks"],
                 down_block_types=["CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)],

@@ -38,6 +38,15 @@ def diffusers_modules(pipe) -> tuple:
     return vae, unet, scheduler
 
 
+def pooled_text_notes(unet) -> list[str]:
+    """How to call an exported U-Net with a pooled-text path (`unet.pooled_text`), which diffusers' pipelines do not."""
+    if unet.config.class_embed_type != "projection":
+        return []
+    return ["the U-Net was trained with unet.pooled_text=true, exported as class_embed_type='projection': call it "
+            "with class_labels=prompt_embeds.mean(dim=1) (the mean over all caption tokens); StableDiffusionPipeline "
+            "does not pass class_labels, so run the denoising loop yourself"]
+
+
 def export_diffusers(pipe, out: Path) -> list[str]:
     """Write `out` as a diffusers folder; returns notes (what was left out and why)."""
     import diffusers
@@ -45,7 +54,7 @@ def export_diffusers(pipe, out: Path) -> list[str]:
     from ldm_train.models.text import ClipTextEncoder
 
     vae, unet, scheduler = diffusers_modules(pipe)  # refuses a first stage diffusers has no AutoencoderKL for
-    notes = []
+    notes = pooled_text_notes(unet)
     if isinstance(pipe.text_encoder, ClipTextEncoder):
         tokenizer = pipe.text_encoder.tokenizer
         tokenizer.model_max_length = pipe.text_encoder.max_length  # diffusers pads prompts to this length

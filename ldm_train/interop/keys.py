@@ -91,6 +91,7 @@ def unet_table(unet: nn.Module, linear_projection: bool = True) -> list[Entry]:
     for k, layers in enumerate(unet.up_blocks):
         stage(f"up_blocks.{k}", layers, f"up_blocks.{k // per_level}", k % per_level)
     top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+           "text_embed.0": "class_embedding.linear_1", "text_embed.2": "class_embedding.linear_2",  # pooled text
            "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
 
     table, unplaced = [], []

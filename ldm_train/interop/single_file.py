@@ -297,13 +297,15 @@ def original_state(pipe) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """Our pipeline → (tensors with the original names, the diffusers configs for the file's metadata, notes)."""
     from diffusers.loaders import single_file_utils as sfu
 
-    from ldm_train.interop.diffusers_export import diffusers_modules
+    from ldm_train.interop.diffusers_export import diffusers_modules, pooled_text_notes
     from ldm_train.interop.keys import original_unet, original_vae
     from ldm_train.models.text import ClipTextEncoder
 
     vae, unet, scheduler = diffusers_modules(pipe)  # refuses a first stage diffusers has no AutoencoderKL for
     up_attention = {i for i, t in enumerate(unet.config.up_block_types) if t.startswith("CrossAttn")}
-    top_unet = sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    top_unet = dict(sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if unet.config.class_embed_type == "projection":  # unet.pooled_text: label_emb.0.*, as SD's upscaler/unCLIP
+        top_unet.update(sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["class_embed_type"])
     out = original_unet(unet.state_dict(), unet.config.layers_per_block, up_attention, top_unet, UNET)
     check_inverse(out, unet.state_dict(), lambda sd: sfu.convert_ldm_unet_checkpoint(sd, unet.config), "U-Net")
     levels = len(vae.config.block_out_channels)
@@ -312,7 +314,7 @@ def original_state(pipe) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     out.update(vae_out)
     configs = {"unet": dict(unet.config), "vae": dict(vae.config),
                "scheduler": {**dict(scheduler.config), "_class_name": type(scheduler).__name__}}
-    notes = []
+    notes = pooled_text_notes(unet)
     if isinstance(pipe.text_encoder, ClipTextEncoder):
         model = pipe.text_encoder.model
         text = {CLIP + "text_model." + k: v for k, v in model.state_dict().items()}
