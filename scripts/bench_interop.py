@@ -96,6 +96,7 @@ def sampled_by_diffusers(artifact: Path, out: Path, steps: int = 20) -> float:
     + DDIMScheduler (exported from the same artifact) from the same noise and the same prompt embeddings."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+    from ldm_train.models.unet import pooled_context
     from ldm_train.pipeline.latent_diffusion import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_artifact(artifact)
@@ -118,7 +119,7 @@ def sampled_by_diffusers(artifact: Path, out: Path, steps: int = 20) -> float:
     sch.set_timesteps(steps)
     context = torch.cat([uncond, cond])
     # unet.pooled_text, exported as a "projection" class embedding: the mean caption token as class_labels
-    pooled = {"class_labels": context.mean(1)} if unet.config.class_embed_type == "projection" else {}
+    pooled = {"class_labels": pooled_context(context)} if unet.config.class_embed_type == "projection" else {}
     for t in sch.timesteps:
         out_u, out_c = unet(torch.cat([x, x]), t, encoder_hidden_states=context, **pooled).sample.chunk(2)
         x = sch.step(out_u + g * (out_c - out_u), t, x).prev_sample

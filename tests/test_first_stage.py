@@ -253,3 +253,18 @@ def test_stage2_with_latent_norm_channel_round_trips_through_the_artifact(smoke_
     assert images.shape == (1, 3, pipe.resolution, pipe.resolution) and images.abs().max() <= 1
     with pytest.raises(ValueError, match="normalised per channel"):
         pipe.first_stage.diffusers_scaling_factor()
+
+
+def test_init_from_keeps_the_artifacts_latent_norm(smoke_autoencoder, tmp_path, caplog):
+    """Fine-tuning a latent_norm=channel model with the default (global) keeps channel, says so and records it."""
+    from ldm_train.pipeline.artifacts import read_diffusion
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(smoke_autoencoder["artifact"], artifacts / "autoencoder" / "kl_f4")
+    common = [*smoke_autoencoder["cfg_overrides"], f"paths.artifacts={artifacts}", "stage=diffusion",
+              "diffusion.max_steps=2", "diffusion.val_every=2"]
+    run(compose_cfg([*common, "diffusion.latent_norm=channel", "name=source", f"paths.run_dir={tmp_path / 'a'}"]))
+    with caplog.at_level("WARNING", logger="ldm_train.stages.diffusion"):
+        run(compose_cfg([*common, "diffusion.init_from=source", "name=tuned", f"paths.run_dir={tmp_path / 'b'}"]))
+    assert "diffusion.latent_norm=global ignored" in caplog.text
+    assert read_diffusion(artifacts / "diffusion" / "tuned")[0]["diffusion"]["latent_norm"] == "channel"

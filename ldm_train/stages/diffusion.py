@@ -58,13 +58,13 @@ def init_pipeline(cfg: DictConfig) -> LatentDiffusionPipeline:
     stored, _ = read_diffusion(path)
     check_against_artifact(cfg, path, {"f": stored["f"], "regularizer": stored["regularizer"]})
     diffusion = {**OmegaConf.to_container(cfg.diffusion, resolve=True),
-                 **{k: stored["diffusion"][k] for k in SCHEDULE_KEYS},  # the weights were trained on this schedule
-                 "latent_norm": stored["diffusion"].get("latent_norm", "global")}  # and on these latents
+                 **{k: stored["diffusion"][k] for k in SCHEDULE_KEYS}}  # the weights were trained on this schedule
+    pipe = LatentDiffusionPipeline.init_from(path, {"diffusion": diffusion, "data": cfg.data.name,
+                                                    "resolution": cfg.data.resolution})
+    diffusion["latent_norm"] = pipe.first_stage.latent_norm  # and on these latents (from_artifact read them)
     if diffusion["latent_norm"] != cfg.diffusion.latent_norm:
         log.warning("diffusion.latent_norm=%s ignored: %s was trained on latent_norm=%s latents, which fine-tuning "
                     "keeps", cfg.diffusion.latent_norm, path, diffusion["latent_norm"])
-    pipe = LatentDiffusionPipeline.init_from(path, {"diffusion": diffusion, "data": cfg.data.name,
-                                                    "resolution": cfg.data.resolution})
     pipe.first_stage.sample_posterior = bool(cfg.diffusion.sample_posterior)
     if cfg.diffusion.get("train_text_encoder"):
         if not hasattr(pipe.text_encoder, "set_trainable"):
